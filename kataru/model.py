@@ -1,0 +1,237 @@
+"""The one transformer that runs every family (read top to bottom).
+
+Family differences are `ModelConfig` fields: the norm kind, how much of each head gets rotary and
+whether it carries Alpha's xPos scaling, parallel or sequential residual, SwiGLU or GELU MLP, biases,
+grouped-query attention, a sliding window and tied embeddings. Weights are stored fused (one qkv
+projection, one gate+up projection) so a decode step runs few, large matmuls; `checkpoint.py` maps each
+family's published layout onto these names.
+
+Generation is `prefill` (many tokens into a preallocated KV cache) followed by one-token decode steps;
+rows of a batch may be left-padded, so every call takes per-row rotary positions and a key mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kataru.config import ModelConfig
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class KVCache(nn.Module):
+    """Keys and values for `max_batch` rows and `max_seq_len` slots, allocated once."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write slots [start, start+T) of the first B rows; return every filled slot of those rows."""
+        b, _, t, _ = k.shape
+        end = start + t
+        self.k[:b, :, start:end] = k
+        self.v[:b, :, start:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as the reference implementations do, scale in the working dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, affine: bool = True) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.dim, config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps, elementwise_affine=affine, bias=config.norm_bias and affine)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position, with separate query and key tables for xPos.
+
+    xPos scales the rotation by scale**power for queries and scale**-power for keys, with
+    power = (pos - max_seq_len // 2) / scale_base, so attention scores decay with distance.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.rotary_dim
+        positions = torch.arange(config.max_seq_len, dtype=torch.float32)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        freqs = torch.outer(positions, inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        if config.xpos_scale_base is None:
+            cos_k, sin_k = cos, sin
+        else:
+            scale = (torch.arange(0, d, 2, dtype=torch.float32) + 0.4 * d) / (1.4 * d)
+            power = (positions - config.max_seq_len // 2) / config.xpos_scale_base
+            scale = scale ** power.unsqueeze(-1)
+            cos, sin, cos_k, sin_k = cos * scale, sin * scale, cos / scale, sin / scale
+        tables = [torch.cat((t, t), dim=-1) for t in (cos, sin, cos_k, sin_k)]
+        self.register_buffer("tables", torch.stack(tables), persistent=False)  # [4, positions, d]
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """[4, B, 1, T, d] tables (cos_q, sin_q, cos_k, sin_k) for positions [B, T]."""
+        return self.tables[:, positions].unsqueeze(2).to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wqkv = nn.Linear(config.dim, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.q_size, config.dim, bias=config.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | None) -> Tensor:
+        c = self.config
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if c.rotary_dim:
+            q = apply_rotary(q, rope[0], rope[1])
+            k = apply_rotary(k, rope[2], rope[3])
+        if start is not None:
+            assert self.kv_cache is not None, "call setup_caches() before decoding with a cache"
+            k, v = self.kv_cache.update(start, k, v)
+        gqa = c.n_kv_head != c.n_head
+        if mask is None:  # a fresh causal sequence, or one-token decode over all filled slots
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(b, t, c.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        width = 2 * config.intermediate_size if self.swiglu else config.intermediate_size
+        self.w1 = nn.Linear(config.dim, width, bias=config.mlp_bias)  # gate and up, fused, for SwiGLU
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            gate, up = self.w1(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = config.parallel_residual
+        self.attention_norm = make_norm(config, affine=config.attn_norm_affine)
+        self.attention = Attention(config)
+        self.ffn_norm = make_norm(config)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | None) -> Tensor:
+        h = self.attention(self.attention_norm(x), rope, mask, start)
+        if self.parallel:
+            return x + h + self.feed_forward(self.ffn_norm(x))
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(config)
+        self.cache_rows = 0
+        self.cache_len = 0
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        """Preallocate the KV cache (reused when the request fits what is already there)."""
+        if max_batch <= self.cache_rows and max_seq_len <= self.cache_len:
+            return
+        c = self.config
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, max_seq_len, c.n_kv_head, c.head_dim, dtype, device)
+        self.cache_rows, self.cache_len = max_batch, max_seq_len
+
+    def drop_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_rows = self.cache_len = 0
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, start: int | None = None,
+                key_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits for tokens [B, T], written at KV-cache slots [start, start+T) (start=None: no cache).
+
+        positions [B, T] are the rotary positions (they differ from slots for left-padded rows);
+        key_mask [B, start+T] marks the slots holding real tokens (None: all of them).
+        """
+        b, t = tokens.shape
+        first = start or 0
+        if positions is None:
+            positions = torch.arange(first, first + t, device=tokens.device).expand(b, t)
+        x = self.tok_embeddings(tokens)
+        rope = self.rotary(positions, x.dtype)
+        mask = self.attention_mask(t, first, key_mask, tokens.device)
+        for layer in self.layers:
+            x = layer(x, rope, mask, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    def attention_mask(self, t: int, start: int, key_mask: Tensor | None, device: torch.device) -> Tensor | None:
+        """Boolean [B|1, 1, T, start+T] mask, or None when plain causal attention is exact."""
+        window = self.config.sliding_window
+        s = start + t
+        if key_mask is None and (window is None or s <= window) and (start == 0 or t == 1):
+            return None
+        slots = torch.arange(s, device=device)
+        query_slots = slots[start:].unsqueeze(-1)
+        mask = slots <= query_slots
+        if window is not None:
+            mask = mask & (query_slots - slots < window)
+        mask = mask.view(1, 1, t, s)
+        if key_mask is not None:
+            # A padding query would see no key at all (NaN rows); let it see itself instead.
+            mask = (mask & key_mask[:, None, None, :s]) | (slots == query_slots).view(1, 1, t, s)
+        return mask
