@@ -110,7 +110,7 @@ class LLM:
     def encode_prompt(self, prompt: Prompt, inputs: str | None = None, system: str | None = None,
                       raw: bool = False) -> list[int]:
         text = self.prompt_text(prompt, inputs, system, raw)
-        add_special = self.tokenizer.add_bos if raw else self.prompt_style.add_special_tokens
+        add_special = True if raw else self.prompt_style.add_special_tokens  # raw: as the tokenizer says
         return self.tokenizer.encode(text, add_special_tokens=add_special)
 
     # --- generation ------------------------------------------------------------------------------

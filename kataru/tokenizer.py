@@ -19,7 +19,8 @@ from typing import Any
 
 from kataru.errors import KataruError
 
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# In transformers' order, which decides the ids of special tokens missing from the vocabulary.
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Defaults of the transformers classes the seed checkpoints name, for configs that leave them out.
 CLASS_DEFAULTS = {"LlamaTokenizer": (True, False), "T5Tokenizer": (False, True)}
 
@@ -58,10 +59,9 @@ class Tokenizer:
         self.config = config
         self.chat_template = self._chat_template(folder, config)
         tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
-        bos_default, eos_default = CLASS_DEFAULTS.get(tokenizer_class, (False, False))
-        self.add_bos = bool(config.get("add_bos_token", bos_default))
-        self.add_eos = bool(config.get("add_eos_token", eos_default))
-        self.explicit_bos_eos = "add_bos_token" in config or "add_eos_token" in config
+        self.class_defaults = CLASS_DEFAULTS.get(tokenizer_class, (False, False))
+        self.add_bos = bool(config.get("add_bos_token", self.class_defaults[0]))
+        self.add_eos = bool(config.get("add_eos_token", self.class_defaults[1]))
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.special_strings = {k: _content(config.get(k)) for k in SPECIAL_KEYS if _content(config.get(k))}
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
@@ -159,8 +159,11 @@ class _TokenizersBackend(_Backend):
         missing = [t for t in [*owner.special_strings.values(), *owner.extra_specials] if self.tok.token_to_id(t) is None]
         if missing:
             self.tok.add_special_tokens([HFAddedToken(t, special=True, normalized=False) for t in missing])
-        # As transformers does: explicit add_bos/add_eos (or no post-processor) means kataru adds them itself.
-        self.manual_bos_eos = owner.explicit_bos_eos or self.tok.post_processor is None
+        # As transformers does: with a tokenizer.json its post-processor adds bos/eos and the add_bos_token
+        # flags of the config are ignored; without a post-processor the tokenizer class's defaults apply.
+        self.manual_bos_eos = self.tok.post_processor is None
+        if self.manual_bos_eos:
+            owner.add_bos, owner.add_eos = owner.class_defaults
         self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def vocab_size(self) -> int:

@@ -1,0 +1,113 @@
+"""Every family against its reference: float32 logits, greedy continuations, cache, batching, file layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, make_checkpoint
+
+import kataru
+from kataru.generation import SamplingParams, decode_steps
+
+LOGIT_TOL = 1e-4
+
+
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:
+    x = torch.tensor([ids])
+    if hasattr(model, "generate"):
+        out = model.generate(x, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+    return model.greedy(x, new_tokens)[0].tolist()
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_reference(family: str, checkpoints: dict) -> None:
+    folder, ref = checkpoints[family]
+    llm = kataru.load(folder, dtype="float32")
+    assert llm.config.family == family
+    ids = torch.tensor(random_prompts(llm.config.vocab_size, [50, 50]))  # longer than Mistral's test window
+    expected = reference_logits(ref, ids)
+    got = llm.logits(ids.tolist())
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max().item() < LOGIT_TOL
+    assert expected.std() > 0.1  # the comparison is between non-trivial logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_continuation_matches_reference(family: str, checkpoints: dict) -> None:
+    folder, ref = checkpoints[family]
+    llm = kataru.load(folder, dtype="float32")
+    prompt = random_prompts(llm.config.vocab_size, [12], seed=len(family))[0]
+    expected = reference_greedy(ref, prompt, 32)
+    params = SamplingParams(max_new_tokens=32, do_sample=False, ignore_eos=True)
+    for use_cache in (True, False):
+        tokens = [s.token_id for s in decode_steps(llm.model, [prompt], [params], llm.eos_ids, use_cache)]
+        assert tokens == expected, f"use_cache={use_cache}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_different_lengths_equals_one_by_one(family: str, checkpoints: dict) -> None:
+    folder, _ = checkpoints[family]
+    llm = kataru.load(folder, dtype="float32")
+    prompts = random_prompts(llm.config.vocab_size, [5, 17, 11], seed=7)
+    params = SamplingParams(max_new_tokens=20, do_sample=False, ignore_eos=True, repetition_penalty=1.1)
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in batch]
+        for step in decode_steps(llm.model, batch, [params] * len(batch), llm.eos_ids):
+            out[step.row].append(step.token_id)
+        return out
+
+    alone = [run([p])[0] for p in prompts]
+    assert run(prompts) == alone
+
+
+@pytest.mark.parametrize("layout", ["bin", "sharded"])
+@pytest.mark.parametrize("family", ["llama", "japanese_stablelm_alpha"])
+def test_bin_and_sharded_checkpoints(family: str, layout: str, tokenizer_dirs: dict, tmp_path: Path) -> None:
+    ref = make_checkpoint(family, tokenizer_dirs, tmp_path, layout=layout)
+    if layout == "bin":
+        assert (tmp_path / "pytorch_model.bin").is_file() and not list(tmp_path.glob("*.safetensors"))
+    else:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    llm = kataru.load(tmp_path, dtype="float32")
+    ids = torch.tensor(random_prompts(llm.config.vocab_size, [16]))
+    assert (llm.logits(ids.tolist()) - reference_logits(ref, ids)).abs().max().item() < LOGIT_TOL
+
+
+def test_tied_embeddings_and_bfloat16(tokenizer_dirs: dict, tmp_path: Path) -> None:
+    ref = make_checkpoint("llama", tokenizer_dirs, tmp_path, tie_word_embeddings=True)
+    llm = kataru.load(tmp_path, dtype="float32")
+    assert llm.model.output.weight is llm.model.tok_embeddings.weight
+    ids = torch.tensor(random_prompts(llm.config.vocab_size, [16]))
+    expected = reference_logits(ref, ids)
+    assert (llm.logits(ids.tolist()) - expected).abs().max().item() < LOGIT_TOL
+    half = kataru.load(tmp_path, dtype="bfloat16")
+    assert half.model.tok_embeddings.weight.dtype == torch.bfloat16
+    # bfloat16 keeps 8 mantissa bits: logits of size ~5 stay within a few tenths.
+    assert (half.logits(ids.tolist()) - expected).abs().max().item() < 0.5
+
+
+def test_info_reports_the_checkpoint(checkpoints: dict) -> None:
+    folder, ref = checkpoints["mistral"]
+    info = kataru.load(folder).info()
+    assert info["family"] == "mistral"
+    assert info["parameters"] == sum(p.numel() for p in ref.parameters())
+    assert info["kv_heads"] == 2 and info["heads"] == 4
+    assert info["prompt_style"] == "alpaca-ja"
+    assert info["eos_token_ids"] == [2]
+    assert info["dtype"] == "float32"
