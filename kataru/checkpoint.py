@@ -212,7 +212,9 @@ class WeightFiles:
         try:
             return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)  # type: ignore[attr-defined]
         except Exception as err:
-            raise KataruError(f"tensor {name} in {path.name} cannot be read ({_first_line(err)}); copy the file again") from None
+            raise KataruError(
+                f"tensor {name} in {path.name} cannot be read ({_first_line(err)}); copy the file again"
+            ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -237,7 +239,8 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
                 f"checkpoint {folder} lacks tensor(s) {', '.join(missing[:3])}{more} that a {config.family} model "
                 f"with {config.n_layer} layers needs; the weights do not match config.json or a shard is missing"
             )
-        extra = sorted(n for n in files.location.keys() - needed - optional_tensors(config) if not IGNORED_BUFFERS.search(n))
+        unused = files.location.keys() - needed - optional_tensors(config)
+        extra = sorted(n for n in unused if not IGNORED_BUFFERS.search(n))
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
             raise KataruError(
@@ -253,7 +256,7 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
                 raise KataruError(f"tensor(s) {', '.join(source.names)} have shapes that do not fit together "
                                   f"({_first_line(err)}); the weights do not match config.json") from None
             if tuple(tensor.shape) != expected[name]:
-                shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(source.names, parts))
+                shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(source.names, parts, strict=False))
                 raise KataruError(
                     f"shape mismatch: {shapes} gives {tuple(tensor.shape)}, config.json implies {expected[name]}; "
                     "the weights do not match config.json"

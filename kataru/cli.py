@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompting(gen)
     gen.add_argument("--inputs", help="the alpaca-ja 入力 field")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
-    gen.add_argument("--json", action="store_true", help='print {"text", "token_ids", "prompt_token_ids", "finish_reason"}')
+    gen.add_argument("--json", action="store_true",
+                     help='print {"text", "token_ids", "prompt_token_ids", "finish_reason"}')
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat, streamed (/reset, /exit)")
     _add_model(chat)

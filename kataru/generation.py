@@ -136,7 +136,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: list[Samp
     device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     b, width = len(prompts), int(lengths.max())
-    budget = [min(p.max_new_tokens, max_seq_len - len(ids)) for p, ids in zip(params, prompts)]
+    budget = [min(p.max_new_tokens, max_seq_len - len(ids)) for p, ids in zip(params, prompts, strict=False)]
     total = width + max(budget)
     tokens = torch.zeros(b, total, dtype=torch.long, device=device)
     for row, ids in enumerate(prompts):

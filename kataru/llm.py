@@ -150,8 +150,8 @@ class LLM:
     def _events(self, prompts: list[list[int]], params: SamplingParams,
                 use_cache: bool) -> Iterator[tuple[int, str, Completion | None]]:
         """(row, new text, completion when the row ends) for every step of every row."""
-        tokenizer, style, stops = self.tokenizer, self.prompt_style, params.stop
-        decoders = [StreamDecoder(tokenizer) for _ in prompts]
+        style, stops = self.prompt_style, params.stop
+        decoders = [StreamDecoder(self.tokenizer) for _ in prompts]
         texts = [""] * len(prompts)
         emitted = [0] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
@@ -174,8 +174,8 @@ class LLM:
                     yield row, texts[row][emitted[row]:visible], None
                     emitted[row] = visible
                 continue
-            body = generated[row][:-1] if ends_with_eos else generated[row]
-            final = style.postprocess(tokenizer.decode(body))
+            # The streamed text is the text: pieces joined always equal the completion.
+            final = texts[row] if cut is not None else texts[row] + style.postprocess(decoders[row].flush())
             cut = find_stop(final, stops) if stops else None
             if cut is not None:
                 final, reason = final[:cut], "stop"

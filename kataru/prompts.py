@@ -54,9 +54,9 @@ class PromptStyle:
             users[-1]["inputs"] = inputs
         has_system = bool(messages) and messages[0]["role"] == "system"
         if system is not None:
-            messages = [{"role": "system", "content": system}] + messages[has_system:]
+            messages = [{"role": "system", "content": system}, *messages[has_system:]]
         elif not has_system and self.default_system is not None:
-            messages = [{"role": "system", "content": self.default_system}] + messages
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         return messages
 
 
@@ -101,7 +101,8 @@ class AlpacaJa(PromptStyle):
     """Japanese StableLM Instruct (3B-4E1T, Gamma 7B): the card's build_prompt."""
 
     name = "alpaca-ja"
-    default_system = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
+    default_system = ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
+                      "要求を適切に満たす応答を書きなさい。")
     sep = "\n\n### "
 
     def render(self, messages: list[Message], tokenizer: Tokenizer) -> str:
@@ -122,7 +123,7 @@ class Rinna(PromptStyle):
     """rinna japanese-gpt-neox instruction-sft: `ユーザー: …<NL>システム: …`, newlines as `<NL>`."""
 
     name = "rinna"
-    speakers = {"user": "ユーザー", "assistant": "システム"}
+    speakers: ClassVar[dict[str, str]] = {"user": "ユーザー", "assistant": "システム"}
 
     def render(self, messages: list[Message], tokenizer: Tokenizer) -> str:
         turns = []

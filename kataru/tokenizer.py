@@ -156,7 +156,8 @@ class _TokenizersBackend(_Backend):
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise KataruError(f"{path} cannot be read as a tokenizer ({str(err)[:200]}); copy it again") from None
         self.owner = owner
-        missing = [t for t in [*owner.special_strings.values(), *owner.extra_specials] if self.tok.token_to_id(t) is None]
+        specials = [*owner.special_strings.values(), *owner.extra_specials]
+        missing = [t for t in specials if self.tok.token_to_id(t) is None]
         if missing:
             self.tok.add_special_tokens([HFAddedToken(t, special=True, normalized=False) for t in missing])
         # As transformers does: with a tokenizer.json its post-processor adds bos/eos and the add_bos_token
@@ -316,3 +317,11 @@ class StreamDecoder:
             self.read_offset = len(self.ids)
             return piece
         return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished byte sequence at the very end)."""
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        new_text = decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]

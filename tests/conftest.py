@@ -96,7 +96,7 @@ LLM_JP_CHAT_TEMPLATE = (
 )
 
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "max_position_embeddings": 128}
+        "max_position_embeddings": 256}
 
 
 def build_tokenizer(family: str, folder: Path) -> int:

@@ -147,7 +147,7 @@ def test_gpt_neox_bpe_matches_auto_tokenizer(tmp_path: Path) -> None:
         "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False})
     ours, ref = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
-    lines = corpus() + ["<|endoftext|>inside", "   many    spaces   "]
+    lines = [*corpus(), "<|endoftext|>inside", "   many    spaces   "]
     check_encode(ours, ref, lines)
     check_encode(ours, ref, lines, special=True)
     for line in lines:

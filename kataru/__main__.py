@@ -1,0 +1,3 @@
+from kataru.cli import main
+
+raise SystemExit(main())
