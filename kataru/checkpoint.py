@@ -1,21 +1,23 @@
 """Read a Hugging Face checkpoint folder into kataru's Transformer, one weight layout per family.
 
-Each layout is a plan: for every kataru tensor, the published tensors it is built from and how (fused
-q/k/v, NeoX's per-head interleaved qkv, Alpha's packed MLP). The plan also tells which tensors a file
-must hold, so a missing or stray tensor is named instead of silently ignored.
+Each layout is a plan: every kataru tensor is a row-wise concatenation of row ranges of published
+tensors (fused q/k/v and gate/up, NeoX's per-head interleaved qkv, Alpha's packed MLP are all just row
+ranges). The plan also tells which tensors the files must hold, so a missing or stray tensor is named.
 
-Weights are read lazily (safetensors is memory mapped; .bin goes through `torch.load(weights_only=True,
-mmap=True)`, never a full unpickle) and converted one tensor at a time, so loading peaks near the size
-of the weights in the target dtype.
+Rows are copied straight into the preallocated kataru tensor in small chunks, converting dtype on the
+way. safetensors files are read with positional reads rather than memory mapping: mapped pages of the
+source would count against memory until the file is closed, and loading bf16 weights from an fp32 file
+would then peak at three times the model. .bin files go through `torch.load(weights_only=True,
+mmap=True)`, which never runs pickled code.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,102 +29,83 @@ from kataru.model import Rotary, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+CHUNK_BYTES = 16 << 20
 
 # Non-parameter buffers that older uploads keep in their state dict; everything else must be used.
 IGNORED_BUFFERS = re.compile(r"\.rotary_emb\.(inv_freq|scale)$|\.attention\.(bias|masked_bias)$")
 
-
-@dataclass
-class Source:
-    names: list[str]
-    combine: Callable[[list[Tensor]], Tensor]
+Segment = tuple[str, int, int | None]  # (published tensor, first row, end row or None for all)
 
 
-def _one(parts: list[Tensor]) -> Tensor:
-    return parts[0]
-
-
-def _cat(parts: list[Tensor]) -> Tensor:
-    return torch.cat(parts, dim=0)
-
-
-def _swap_halves(parts: list[Tensor]) -> Tensor:
-    """Alpha packs the MLP input as [up; gate]; kataru keeps [gate; up]."""
-    up, gate = parts[0].chunk(2, dim=0)
-    return torch.cat((gate, up), dim=0)
-
-
-def _deinterleave_qkv(n_head: int) -> Callable[[list[Tensor]], Tensor]:
-    """GPT-NeoX fuses qkv per head ([q0 k0 v0 q1 k1 v1 …]); kataru keeps [q; k; v]."""
-
-    def combine(parts: list[Tensor]) -> Tensor:
-        w = parts[0]
-        rest = w.shape[1:]
-        return w.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
-
-    return combine
-
-
-def weight_plan(config: ModelConfig) -> dict[str, Source]:
-    """kataru tensor name -> where it comes from in the family's published layout."""
-    plan: dict[str, Source] = {}
+def weight_plan(config: ModelConfig) -> dict[str, list[Segment]]:
+    """kataru tensor name -> the row ranges of published tensors it is made of, in order."""
+    plan: dict[str, list[Segment]] = {}
     family = config.family
 
-    def add(name: str, names: list[str], combine: Callable[[list[Tensor]], Tensor] = _one) -> None:
-        plan[name] = Source(names, combine)
+    def add(name: str, *sources: str) -> None:
+        plan[name] = [(s, 0, None) for s in sources]
 
     def norm(kataru: str, hf: str, affine: bool = True) -> None:
-        if not affine:
-            return
-        add(f"{kataru}.weight", [f"{hf}.weight"])
-        if config.norm_bias:
-            add(f"{kataru}.bias", [f"{hf}.bias"])
+        if affine:
+            add(f"{kataru}.weight", f"{hf}.weight")
+            if config.norm_bias:
+                add(f"{kataru}.bias", f"{hf}.bias")
+
+    def neox_qkv(name: str, source: str) -> None:
+        """NeoX fuses qkv per head ([q0 k0 v0 q1 k1 v1 …]); kataru keeps [q; k; v]."""
+        hd = config.head_dim
+        plan[name] = [(source, (3 * h + i) * hd, (3 * h + i + 1) * hd) for i in range(3) for h in range(config.n_head)]
 
     if family in ("llama", "mistral", "stablelm"):
-        add("tok_embeddings.weight", ["model.embed_tokens.weight"])
+        add("tok_embeddings.weight", "model.embed_tokens.weight")
         for i in range(config.n_layer):
             p, k = f"model.layers.{i}", f"layers.{i}"
             norm(f"{k}.attention_norm", f"{p}.input_layernorm")
             norm(f"{k}.ffn_norm", f"{p}.post_attention_layernorm")
-            add(f"{k}.attention.wqkv.weight", [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"], _cat)
+            add(f"{k}.attention.wqkv.weight", *(f"{p}.self_attn.{x}_proj.weight" for x in "qkv"))
             if config.qkv_bias:
-                add(f"{k}.attention.wqkv.bias", [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"], _cat)
-            add(f"{k}.attention.wo.weight", [f"{p}.self_attn.o_proj.weight"])
+                add(f"{k}.attention.wqkv.bias", *(f"{p}.self_attn.{x}_proj.bias" for x in "qkv"))
+            add(f"{k}.attention.wo.weight", f"{p}.self_attn.o_proj.weight")
             if config.o_bias:
-                add(f"{k}.attention.wo.bias", [f"{p}.self_attn.o_proj.bias"])
-            add(f"{k}.feed_forward.w1.weight", [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], _cat)
-            add(f"{k}.feed_forward.w2.weight", [f"{p}.mlp.down_proj.weight"])
+                add(f"{k}.attention.wo.bias", f"{p}.self_attn.o_proj.bias")
+            add(f"{k}.feed_forward.w1.weight", f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight")
+            add(f"{k}.feed_forward.w2.weight", f"{p}.mlp.down_proj.weight")
             if config.mlp_bias:
-                add(f"{k}.feed_forward.w1.bias", [f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"], _cat)
-                add(f"{k}.feed_forward.w2.bias", [f"{p}.mlp.down_proj.bias"])
+                add(f"{k}.feed_forward.w1.bias", f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias")
+                add(f"{k}.feed_forward.w2.bias", f"{p}.mlp.down_proj.bias")
         norm("norm", "model.norm")
         head = "lm_head.weight"
     else:  # gpt_neox and japanese_stablelm_alpha share NeoX naming
         alpha = family == "japanese_stablelm_alpha"
         root = "transformer" if alpha else "gpt_neox"
-        qkv = _deinterleave_qkv(config.n_head)
-        add("tok_embeddings.weight", [f"{root}.embed_in.weight"])
+        add("tok_embeddings.weight", f"{root}.embed_in.weight")
         for i in range(config.n_layer):
             p, k = f"{root}.layers.{i}", f"layers.{i}"
             norm(f"{k}.attention_norm", f"{p}.input_layernorm", affine=config.attn_norm_affine)
             norm(f"{k}.ffn_norm", f"{p}.post_attention_layernorm")
-            add(f"{k}.attention.wqkv.weight", [f"{p}.attention.query_key_value.weight"], qkv)
-            add(f"{k}.attention.wo.weight", [f"{p}.attention.dense.weight"])
+            neox_qkv(f"{k}.attention.wqkv.weight", f"{p}.attention.query_key_value.weight")
+            add(f"{k}.attention.wo.weight", f"{p}.attention.dense.weight")
             if config.qkv_bias:
-                add(f"{k}.attention.wqkv.bias", [f"{p}.attention.query_key_value.bias"], qkv)
+                neox_qkv(f"{k}.attention.wqkv.bias", f"{p}.attention.query_key_value.bias")
             if config.o_bias:
-                add(f"{k}.attention.wo.bias", [f"{p}.attention.dense.bias"])
-            if alpha:
-                add(f"{k}.feed_forward.w1.weight", [f"{p}.mlp.packed_input_proj.weight"], _swap_halves)
-                add(f"{k}.feed_forward.w2.weight", [f"{p}.mlp.out_proj.weight"])
+                add(f"{k}.attention.wo.bias", f"{p}.attention.dense.bias")
+            if alpha:  # packed as [up; gate], kataru keeps [gate; up]
+                packed, width = f"{p}.mlp.packed_input_proj.weight", config.intermediate_size
+                plan[f"{k}.feed_forward.w1.weight"] = [(packed, width, 2 * width), (packed, 0, width)]
+                add(f"{k}.feed_forward.w2.weight", f"{p}.mlp.out_proj.weight")
             else:
                 for kataru_name, hf in (("w1", "dense_h_to_4h"), ("w2", "dense_4h_to_h")):
-                    add(f"{k}.feed_forward.{kataru_name}.weight", [f"{p}.mlp.{hf}.weight"])
-                    add(f"{k}.feed_forward.{kataru_name}.bias", [f"{p}.mlp.{hf}.bias"])
+                    add(f"{k}.feed_forward.{kataru_name}.weight", f"{p}.mlp.{hf}.weight")
+                    add(f"{k}.feed_forward.{kataru_name}.bias", f"{p}.mlp.{hf}.bias")
         norm("norm", f"{root}.final_layer_norm")
         head = "embed_out.weight"
     if not config.tie_embeddings:
-        add("output.weight", [head])
+        add("output.weight", head)
     return plan
 
 
@@ -143,17 +126,108 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+class SafetensorsFile:
+    """Header and row-range reads of one .safetensors file, without memory mapping it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        self.file = open(path, "rb")  # closed by the ExitStack of WeightFiles
+        try:
+            header_len = int.from_bytes(self.file.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(self.file.read(header_len))
+            header.pop("__metadata__", None)
+            self.base = 8 + header_len
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+            for name, entry in header.items():
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(entry["shape"])
+                begin, end = entry["data_offsets"]
+                numel = 1
+                for n in shape:
+                    numel *= n
+                if end - begin != numel * dtype.itemsize:
+                    raise ValueError(f"tensor {name} has {end - begin} bytes for shape {list(shape)}")
+                if self.base + end > size:
+                    raise ValueError(f"tensor {name} ends past the end of the file")
+                self.entries[name] = (dtype, shape, self.base + begin)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            self.file.close()
+            raise KataruError(f"weight file {path.name} is truncated or corrupt ({_first_line(err)}); "
+                              "copy it again") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def rows(self, name: str, start: int, end: int, scratch: Tensor) -> Tensor:
+        """Rows [start, end) read into the front of scratch (one reused buffer: no allocator churn)."""
+        dtype, shape, offset = self.entries[name]
+        row_bytes = dtype.itemsize
+        for n in shape[1:]:
+            row_bytes *= n
+        buffer = scratch[: (end - start) * row_bytes]
+        view = memoryview(buffer.numpy())
+        read = os.preadv(self.file.fileno(), [view], offset + start * row_bytes)
+        if read != len(view):
+            raise KataruError(f"weight file {self.path.name} is truncated; copy it again")
+        return buffer.view(dtype).view(end - start, *shape[1:])
+
+
+class BinFile:
+    """A pytorch_model*.bin state dict, loaded with weights_only=True and memory mapped."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … for a bad file
+            message = _first_line(err)
+            if "weights_only" in message or "Unpickl" in type(err).__name__:
+                raise KataruError(f"{path.name} holds more than tensors and kataru never executes pickled code; "
+                                  "convert the checkpoint to safetensors") from None
+            raise KataruError(f"weight file {path.name} is truncated or corrupt ({message}); copy it again") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise KataruError(f"{path.name} does not hold a state dict of tensors; convert it to safetensors")
+        self.state: dict[str, Tensor] = state
+        self.entries = state
+
+    def close(self) -> None:
+        self.state = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def rows(self, name: str, start: int, end: int, scratch: Tensor) -> Tensor:
+        return self.state[name][start:end]
+
+
 class WeightFiles:
-    """Every tensor of a checkpoint folder, by name, opened lazily."""
+    """Every tensor of a checkpoint folder, by name."""
 
     def __init__(self, folder: Path, stack: ExitStack) -> None:
         self.folder = folder
-        self.stack = stack
-        self.location: dict[str, Path] = {}
-        self.handles: dict[Path, object] = {}
+        self.scratch = torch.empty(0, dtype=torch.uint8)
+        self.location: dict[str, SafetensorsFile | BinFile] = {}
         for path in self._files():
-            for name in self._open(path):
-                self.location.setdefault(name, path)
+            handle = SafetensorsFile(path) if path.suffix == ".safetensors" else BinFile(path)
+            stack.callback(handle.close)
+            for name in handle.entries:
+                self.location.setdefault(name, handle)
 
     def _files(self) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -166,60 +240,56 @@ class WeightFiles:
                 shards = sorted(set(weight_map.values()))
                 missing = [s for s in shards if not (self.folder / s).is_file()]
                 if missing:
-                    raise KataruError(
-                        f"shard {missing[0]} listed in {index_name} is missing from {self.folder}; "
-                        "download or copy every shard of the checkpoint"
-                    )
+                    raise KataruError(f"shard {missing[0]} listed in {index_name} is missing from {self.folder}; "
+                                      "download or copy every shard of the checkpoint")
                 return [self.folder / s for s in shards]
         found = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("pytorch_model*.bin"))
         if not found:
-            raise KataruError(
-                f"no weights in {self.folder}: expected model.safetensors, sharded *.safetensors with an "
-                "index, or pytorch_model.bin"
-            )
+            raise KataruError(f"no weights in {self.folder}: expected model.safetensors, sharded *.safetensors "
+                              "with an index, or pytorch_model.bin")
         return found
 
-    def _open(self, path: Path) -> list[str]:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    def check_names(self, config: ModelConfig, needed: set[str]) -> None:
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-            try:
-                handle = self.stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as err:  # safetensors raises its own error types for bad headers
-                raise KataruError(
-                    f"weight file {path.name} is truncated or corrupt ({_first_line(err)}); copy it again"
-                ) from None
-            self.handles[path] = handle
-            return list(handle.keys())
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … for a bad file
-            message = _first_line(err)
-            if "weights_only" in message or "Unpickl" in type(err).__name__:
-                raise KataruError(
-                    f"{path.name} holds more than tensors and kataru never executes pickled code; "
-                    "convert the checkpoint to safetensors"
-                ) from None
-            raise KataruError(f"weight file {path.name} is truncated or corrupt ({message}); copy it again") from None
-        if not isinstance(state, dict):
-            raise KataruError(f"{path.name} does not hold a state dict; convert the checkpoint to safetensors")
-        self.handles[path] = state
-        return list(state.keys())
+        missing = sorted(needed - self.location.keys())
+        if missing:
+            raise KataruError(f"checkpoint {self.folder} lacks tensor(s) {listed(missing)} that a {config.family} "
+                              f"model with {config.n_layer} layers needs; the weights do not match config.json "
+                              "or a shard is missing")
+        unused = self.location.keys() - needed - optional_tensors(config)
+        extra = sorted(n for n in unused if not IGNORED_BUFFERS.search(n))
+        if extra:
+            raise KataruError(f"checkpoint {self.folder} has unexpected tensor(s) {listed(extra)}; the weights do "
+                              "not match config.json (wrong architecture or layer count)")
 
-    def get(self, name: str) -> Tensor:
-        path = self.location[name]
-        handle = self.handles[path]
-        try:
-            return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)  # type: ignore[attr-defined]
-        except Exception as err:
-            raise KataruError(
-                f"tensor {name} in {path.name} cannot be read ({_first_line(err)}); copy the file again"
-            ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    def fill(self, target: Tensor, name: str, segments: list[Segment]) -> None:
+        """Copy the segments' rows into target in chunks, converting dtype on the way."""
+        row = 0
+        for source, start, end in segments:
+            handle = self.location[source]
+            shape, dtype = handle.shape(source), handle.dtype(source)
+            if not dtype.is_floating_point:
+                raise KataruError(f"tensor {source} has dtype {dtype}, not floating point; the checkpoint is "
+                                  "quantized or corrupt and kataru reads float32/bfloat16/float16 weights")
+            end = shape[0] if end is None else end
+            if tuple(shape[1:]) != tuple(target.shape[1:]) or end > shape[0] or row + end - start > target.shape[0]:
+                sources = ", ".join(f"{s} {tuple(self.location[s].shape(s))}" for s in dict.fromkeys(
+                    s for s, _, _ in segments))
+                raise KataruError(f"shape mismatch: {sources} cannot make {name} {tuple(target.shape)} that "
+                                  "config.json implies; the weights do not match config.json")
+            row_bytes = max(1, dtype.itemsize * (target[0].numel() if target.dim() > 1 else 1))
+            step = max(1, CHUNK_BYTES // row_bytes)
+            if self.scratch.numel() < step * row_bytes:
+                self.scratch = torch.empty(step * row_bytes, dtype=torch.uint8)
+            for first in range(start, end, step):
+                last = min(end, first + step)
+                target[row:row + last - first].copy_(handle.rows(source, first, last, self.scratch))
+                row += last - first
+        if row != target.shape[0]:
+            raise KataruError(f"shape mismatch: {', '.join(s for s, _, _ in segments)} give {row} rows for {name}, "
+                              f"config.json implies {target.shape[0]}; the weights do not match config.json")
 
 
 def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu",
@@ -228,41 +298,15 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
     plan = weight_plan(config)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
     with ExitStack() as stack:
         files = WeightFiles(folder, stack)
-        needed = {n for source in plan.values() for n in source.names}
-        missing = sorted(needed - files.location.keys())
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise KataruError(
-                f"checkpoint {folder} lacks tensor(s) {', '.join(missing[:3])}{more} that a {config.family} model "
-                f"with {config.n_layer} layers needs; the weights do not match config.json or a shard is missing"
-            )
-        unused = files.location.keys() - needed - optional_tensors(config)
-        extra = sorted(n for n in unused if not IGNORED_BUFFERS.search(n))
-        if extra:
-            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-            raise KataruError(
-                f"checkpoint {folder} has unexpected tensor(s) {', '.join(extra[:3])}{more}; "
-                "the weights do not match config.json (wrong architecture or layer count)"
-            )
-        state: dict[str, Tensor] = {}
-        for name, source in _progress(plan.items(), len(plan), progress):
-            parts = [_checked(files.get(n), n) for n in source.names]
-            try:
-                tensor = source.combine([p.to(device=device, dtype=dtype) for p in parts])
-            except RuntimeError as err:
-                raise KataruError(f"tensor(s) {', '.join(source.names)} have shapes that do not fit together "
-                                  f"({_first_line(err)}); the weights do not match config.json") from None
-            if tuple(tensor.shape) != expected[name]:
-                shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(source.names, parts, strict=False))
-                raise KataruError(
-                    f"shape mismatch: {shapes} gives {tuple(tensor.shape)}, config.json implies {expected[name]}; "
-                    "the weights do not match config.json"
-                )
-            state[name] = tensor.contiguous()
-            del parts, tensor
+        files.check_names(config, {s for segments in plan.values() for s, _, _ in segments})
+        for name, segments in _progress(plan.items(), len(plan), progress):
+            target = torch.empty(shapes[name], dtype=dtype, device=device)
+            files.fill(target, name, segments)
+            state[name] = target
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -273,18 +317,11 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
     return model.eval().requires_grad_(False)
 
 
-def _checked(tensor: Tensor, name: str) -> Tensor:
-    if not tensor.is_floating_point():
-        raise KataruError(f"tensor {name} has dtype {tensor.dtype}, not floating point; the checkpoint is quantized "
-                          "or corrupt and kataru reads float32/bfloat16/float16 weights")
-    return tensor
-
-
-def _progress(items: Iterator | object, total: int, progress: bool | None):  # type: ignore[no-untyped-def]
+def _progress(items: Iterable, total: int, progress: bool | None) -> Iterator:
     if progress is False:
-        return items
+        return iter(items)
     from tqdm import tqdm
 
     # disable=None hides the bar when stderr is not a terminal (tests, pipes, CI).
-    return tqdm(items, total=total, desc="loading weights", unit="tensor", disable=None if progress is None else False,
-                leave=False)
+    return iter(tqdm(items, total=total, desc="loading weights", unit="tensor", leave=False,
+                     disable=None if progress is None else False))
