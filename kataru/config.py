@@ -132,7 +132,8 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     if rope_type not in ("default", None):
         raise KataruError(f"rope scaling type {rope_type!r} is not supported yet; only plain rotary is")
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    fraction = params.get("partial_rotary_factor",
+                          hf.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("rope_pct", 1.0))))
     return {"rope_theta": float(theta), "fraction": float(fraction)}
 
 
@@ -181,8 +182,9 @@ def _llama(hf: dict[str, Any], family: Family = "llama") -> ModelConfig:
 
 
 def _stablelm(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("qk_layernorm"):
-        raise KataruError("StableLM with qk_layernorm is not supported yet (Japanese StableLM 3B-4E1T does not use it)")
+    if hf.get("qk_layernorm") or hf.get("use_parallel_residual"):
+        raise KataruError("StableLM with qk_layernorm or parallel residual is not supported yet "
+                          "(Japanese StableLM 3B-4E1T uses neither)")
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     return ModelConfig(
         **_common(hf, "stablelm", head_dim, _rope(hf)),
@@ -192,7 +194,6 @@ def _stablelm(hf: dict[str, Any]) -> ModelConfig:
         norm_bias=True,
         norm_eps=hf.get("layer_norm_eps", hf.get("norm_eps", 1e-5)),
         qkv_bias=bool(hf.get("use_qkv_bias", False)),
-        parallel_residual=bool(hf.get("use_parallel_residual", False)),
     )
 
 

@@ -111,3 +111,26 @@ def test_info_reports_the_checkpoint(checkpoints: dict) -> None:
     assert info["prompt_style"] == "alpaca-ja"
     assert info["eos_token_ids"] == [2]
     assert info["dtype"] == "float32"
+
+
+def test_auto_dtype_honours_the_checkpoint(tokenizer_dirs: dict, tmp_path: Path) -> None:
+    ref = make_checkpoint("mistral", tokenizer_dirs, tmp_path)
+    ref.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert kataru.load(tmp_path).model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert kataru.load(tmp_path, dtype="float32").model.tok_embeddings.weight.dtype == torch.float32
+
+
+def test_old_stablelm_epoch_config(tokenizer_dirs: dict, tmp_path: Path) -> None:
+    """Older 3B-4E1T uploads: model_type stablelm_epoch with remote-code field names."""
+    import json
+
+    ref = make_checkpoint("stablelm", tokenizer_dirs, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(model_type="stablelm_epoch", architectures=["StableLMEpochForCausalLM"], rope_pct=0.25,
+                  rope_theta=rope["rope_theta"], norm_eps=config.pop("layer_norm_eps"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = kataru.load(tmp_path, dtype="float32")
+    assert llm.config.rotary_dim == 4
+    ids = torch.tensor(random_prompts(llm.config.vocab_size, [16]))
+    assert (llm.logits(ids.tolist()) - reference_logits(ref, ids)).abs().max().item() < LOGIT_TOL
