@@ -186,21 +186,11 @@ class SafetensorsFile:
         return buffer.view(dtype).view(end - start, *shape[1:])
 
 
-class BinFile:
-    """A pytorch_model*.bin state dict, loaded with weights_only=True and memory mapped."""
+class StateDict:
+    """Tensors already in memory (a transformers model's state_dict), read like a file."""
 
-    def __init__(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … for a bad file
-            message = _first_line(err)
-            if "weights_only" in message or "Unpickl" in type(err).__name__:
-                raise KataruError(f"{path.name} holds more than tensors and kataru never executes pickled code; "
-                                  "convert the checkpoint to safetensors") from None
-            raise KataruError(f"weight file {path.name} is truncated or corrupt ({message}); copy it again") from None
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise KataruError(f"{path.name} does not hold a state dict of tensors; convert it to safetensors")
-        self.state: dict[str, Tensor] = state
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        self.state = state
         self.entries = state
 
     def close(self) -> None:
@@ -216,15 +206,33 @@ class BinFile:
         return self.state[name][start:end]
 
 
+class BinFile(StateDict):
+    """A pytorch_model*.bin state dict, loaded with weights_only=True and memory mapped."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … for a bad file
+            message = _first_line(err)
+            if "weights_only" in message or "Unpickl" in type(err).__name__:
+                raise KataruError(f"{path.name} holds more than tensors and kataru never executes pickled code; "
+                                  "convert the checkpoint to safetensors") from None
+            raise KataruError(f"weight file {path.name} is truncated or corrupt ({message}); copy it again") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise KataruError(f"{path.name} does not hold a state dict of tensors; convert it to safetensors")
+        super().__init__(state)
+
+
 class WeightFiles:
     """Every tensor of a checkpoint folder, by name."""
 
-    def __init__(self, folder: Path, stack: ExitStack) -> None:
+    def __init__(self, folder: Path, stack: ExitStack, state: dict[str, Tensor] | None = None) -> None:
         self.folder = folder
         self.scratch = torch.empty(0, dtype=torch.uint8)
-        self.location: dict[str, SafetensorsFile | BinFile] = {}
-        for path in self._files():
-            handle = SafetensorsFile(path) if path.suffix == ".safetensors" else BinFile(path)
+        self.location: dict[str, SafetensorsFile | StateDict] = {}
+        handles = [StateDict(state)] if state is not None else [
+            SafetensorsFile(path) if path.suffix == ".safetensors" else BinFile(path) for path in self._files()]
+        for handle in handles:
             stack.callback(handle.close)
             for name in handle.entries:
                 self.location.setdefault(name, handle)
@@ -293,15 +301,18 @@ class WeightFiles:
 
 
 def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu",
-                 progress: bool | None = None) -> Transformer:
-    """Build the model on the meta device, then fill it tensor by tensor from the files."""
+                 progress: bool | None = None, state_dict: dict[str, Tensor] | None = None) -> Transformer:
+    """Build the model on the meta device, then fill it tensor by tensor from the files.
+
+    With state_dict (tensors under the published names, e.g. a transformers model's), read from it instead.
+    """
     plan = weight_plan(config)
     with torch.device("meta"):
         model = Transformer(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     with ExitStack() as stack:
-        files = WeightFiles(folder, stack)
+        files = WeightFiles(folder, stack, state_dict)
         files.check_names(config, {s for segments in plan.values() for s, _, _ in segments})
         for name, segments in _progress(plan.items(), len(plan), progress):
             target = torch.empty(shapes[name], dtype=dtype, device=device)

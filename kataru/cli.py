@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--special", action="store_true", help="add bos/eos as the tokenizer config says")
     tok.add_argument("--tokens", action="store_true", help="print the pieces beside the ids")
     tok.add_argument("--json", action="store_true", help="one JSON list per text")
+    bench = sub.add_parser("bench", help="prefill/decode speed vs the memory roofline (and transformers)")
+    bench.add_argument("target", help="a seed shape (llm-jp-3.1-1.8b, rinna-3.6b, jslm-3b-4e1t, gamma-7b, alpha-7b, "
+                                      "tiny) or a model folder")
+    bench.add_argument("--dtype", default="bfloat16")
+    bench.add_argument("--layers", type=int, help="fewer layers than the real shape (quick runs)")
+    bench.add_argument("--compare", choices=["transformers"], help="run transformers on the same weights too")
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--threads", type=int)
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--plot", help="write a PNG chart here")
     return parser
 
 
@@ -163,7 +174,14 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
             print(" ".join(map(str, ids)))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from kataru.bench import main as bench_main
+
+    bench_main(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "bench": cmd_bench,
     "info": cmd_info,
     "generate": cmd_generate,
     "chat": cmd_chat,

@@ -1,0 +1,252 @@
+"""`kataru bench`: prefill and decode speed, against the memory-bandwidth roofline and transformers.
+
+A named seed shape builds random weights (transformers builds them when comparing, so both run the very
+same tensors); a folder loads a checkpoint. Decode is timed over a fixed number of new tokens with eos
+ignored, prefill over a 512-token prompt; the roofline is the measured read bandwidth divided by the
+bytes of weights a decode step reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kataru.checkpoint import DTYPES, load_weights, resolve_dtype
+from kataru.config import ModelConfig
+from kataru.errors import KataruError
+from kataru.generation import SamplingParams, decode_steps
+from kataru.model import Transformer
+
+# config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llm-jp-3.1-1.8b": {"model_type": "llama", "vocab_size": 99584, "hidden_size": 2048, "num_hidden_layers": 24,
+                        "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 7168,
+                        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "rinna-3.6b": {"model_type": "gpt_neox", "vocab_size": 32000, "hidden_size": 2816, "num_hidden_layers": 36,
+                   "num_attention_heads": 22, "intermediate_size": 11264, "max_position_embeddings": 2048,
+                   "rotary_pct": 1.0, "use_parallel_residual": False, "hidden_act": "gelu"},
+    "jslm-3b-4e1t": {"model_type": "stablelm", "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 6912,
+                     "max_position_embeddings": 4096, "partial_rotary_factor": 0.25, "layer_norm_eps": 1e-5},
+    "gamma-7b": {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                 "max_position_embeddings": 32768, "sliding_window": 4096, "rms_norm_eps": 1e-5},
+    "alpha-7b": {"model_type": "japanese_stablelm_alpha", "vocab_size": 65536, "hidden_size": 4096,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
+                 "rotary_pct": 0.25, "rotary_scale_base": 512},
+    # A few-MB model for CI and smoke tests.
+    "tiny": {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 320,
+             "max_position_embeddings": 1024, "rms_norm_eps": 1e-5},
+}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "stablelm": "StableLmForCausalLM",
+              "mistral": "MistralForCausalLM"}
+
+
+@dataclass
+class Result:
+    engine: str
+    prefill_tok_s: float
+    ttft_s: float
+    decode_b1_tok_s: float
+    decode_b8_tok_s: float
+    roofline_fraction: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth: best time to sum a buffer much larger than the caches."""
+    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def peak_rss_bytes() -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_shape(name: str, layers: int | None, dtype: torch.dtype, with_reference: bool):  # type: ignore[no-untyped-def]
+    """(kataru model, transformers model or None) sharing the same random weights."""
+    if name not in SHAPES:
+        raise KataruError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} or give a model folder")
+    hf_config = dict(SHAPES[name])
+    if layers:
+        hf_config["num_hidden_layers"] = layers
+    config = ModelConfig.from_hf(hf_config)
+    torch.manual_seed(0)
+    reference = None
+    if with_reference and config.family in HF_CLASSES:
+        import transformers
+
+        cls = getattr(transformers, HF_CLASSES[config.family])
+        config_cls = cls.config_class
+        hf = config_cls(**{k: v for k, v in hf_config.items() if k != "model_type"})
+        with torch.device("meta"):
+            reference = cls(hf)
+        reference = reference.to_empty(device="cpu").to(dtype)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.normal_(0, 0.02)
+        return load_weights(Path(name), config, dtype, progress=False, state_dict=reference.state_dict()), reference
+    return random_model(config, dtype), None
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """kataru's model with random weights, allocated once in the target dtype."""
+    from kataru.model import Rotary
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name and name.endswith("weight") else p.normal_(0, 0.02)
+    model.rotary = Rotary(config)
+    return model.eval().requires_grad_(False)
+
+
+def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens per row) with the engine's own loop."""
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (prompt_len,)).tolist() for _ in range(batch)]
+    params = [SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)] * batch
+    start = time.perf_counter()
+    first = None
+    for step in decode_steps(model, prompts, params, set()):
+        if first is None:
+            first = time.perf_counter()
+        del step
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, end - first
+
+
+@torch.inference_mode()
+def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, batch: int) -> tuple[float, float]:
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt_len))
+    start = time.perf_counter()
+    model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1, pad_token_id=0, eos_token_id=None)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                   eos_token_id=None)
+    return prefill, max(time.perf_counter() - start - prefill, 1e-9)
+
+
+def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
+              prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = DTYPES.get(dtype) or resolve_dtype(dtype, ModelConfig.from_hf(SHAPES["tiny"]))
+    reference = None
+    if Path(target).is_dir():
+        from kataru.llm import load
+
+        model = load(target, dtype=dtype, progress=False).model
+        if compare:
+            import transformers
+
+            reference = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype).eval()
+    else:
+        model, reference = build_shape(target, layers, torch_dtype, compare == "transformers")
+    config = model.config
+    prompt_len = min(prompt_len, config.max_seq_len - new_tokens - 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # a decode step reads every weight except the embedding table (only one row of it)
+    step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    if config.tie_embeddings:
+        step_bytes = weight_bytes
+    bandwidth = memory_bandwidth_gbs()
+    roofline = bandwidth * 1e9 / step_bytes
+
+    time_kataru(model, 16, 4, 1)  # warm up allocators and kernels
+    prefill, _ = time_kataru(model, prompt_len, 1, 1)
+    _, decode1 = time_kataru(model, 16, new_tokens, 1)
+    _, decode8 = time_kataru(model, 16, new_tokens, 8)
+    results = [Result("kataru", prompt_len / prefill, prefill, new_tokens / decode1, 8 * new_tokens / decode8,
+                      (new_tokens / decode1) / roofline)]
+    if reference is not None:
+        time_transformers(reference, 16, 2, 1)
+        prefill_t, _ = time_transformers(reference, prompt_len, 1, 1)
+        _, decode1_t = time_transformers(reference, 16, new_tokens, 1)
+        _, decode8_t = time_transformers(reference, 16, new_tokens, 8)
+        results.append(Result("transformers", prompt_len / prefill_t, prefill_t, new_tokens / decode1_t,
+                              8 * new_tokens / decode8_t, (new_tokens / decode1_t) / roofline))
+    report: dict[str, Any] = {
+        "target": target, "family": config.family, "dtype": str(torch_dtype).removeprefix("torch."),
+        "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
+        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+        "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
+        "torch": torch.__version__, "results": [asdict(r) for r in results],
+    }
+    if len(results) == 2:
+        k, t = results
+        report["ratios"] = {"prefill": k.prefill_tok_s / t.prefill_tok_s, "decode_b1": k.decode_b1_tok_s /
+                            t.decode_b1_tok_s, "decode_b8": k.decode_b8_tok_s / t.decode_b8_tok_s}
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['target']} ({report['family']}, {report['layers']} layers, {report['dtype']}, "
+             f"{report['weight_gb']:.2f} GB, {report['threads']} threads, torch {report['torch']})",
+             f"memory bandwidth {report['bandwidth_gbs']:.1f} GB/s -> decode roofline "
+             f"{report['roofline_decode_tok_s']:.1f} tok/s; peak RSS {report['peak_rss_gb']:.2f} GB", ""]
+    header = f"{'engine':<14}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
+    lines += [header, "-" * len(header)]
+    for r in report["results"]:
+        roof = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "n/a"
+        lines.append(f"{r['engine']:<14}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_b1_tok_s']:>11.2f}"
+                     f"{r['decode_b8_tok_s']:>11.2f}{roof:>10}")
+    if "ratios" in report:
+        ratios = report["ratios"]
+        lines.append(f"{'kataru/transformers':<14}{ratios['prefill']:>9.2f}x{'':>9}{ratios['decode_b1']:>10.2f}x"
+                     f"{ratios['decode_b8']:>10.2f}x")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KataruError("--plot needs matplotlib: pip install matplotlib") from None
+    metrics = [("prefill_tok_s", "prefill tok/s"), ("decode_b1_tok_s", "decode b1 tok/s"),
+               ("decode_b8_tok_s", "decode b8 tok/s")]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        names = [r["engine"] for r in report["results"]]
+        ax.bar(names, [r[key] for r in report["results"]], color=["#c0392b", "#7f8c8d"][: len(names)])
+        if key == "decode_b1_tok_s":
+            ax.axhline(report["roofline_decode_tok_s"], linestyle="--", color="k", label="roofline")
+            ax.legend()
+        ax.set_title(title)
+    fig.suptitle(f"{report['target']} {report['dtype']}, {report['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(args: Any) -> None:
+    report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
+                       prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads)
+    print(json.dumps(report) if args.json else format_table(report))
+    if args.plot:
+        plot(report, args.plot)

@@ -1,0 +1,39 @@
+"""`kataru bench` runs end to end on a tiny shape (numbers are printed, never asserted as times)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kataru.bench import SHAPES, build_shape, format_table
+from kataru.cli import main
+from kataru.config import ModelConfig
+
+
+def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "tiny", "--compare", "transformers", "--prompt-tokens", "64", "--new-tokens", "4",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in report["results"]] == ["kataru", "transformers"]
+    for r in report["results"]:
+        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b8_tok_s"] > 0
+    assert set(report["ratios"]) == {"prefill", "decode_b1", "decode_b8"}
+    assert report["bandwidth_gbs"] > 0 and report["roofline_decode_tok_s"] > 0
+    assert "kataru/transformers" in format_table(report)
+
+
+def test_bench_shapes_mirror_real_configs() -> None:
+    llm_jp = ModelConfig.from_hf(SHAPES["llm-jp-3.1-1.8b"])
+    assert llm_jp.vocab_size * llm_jp.dim * 2 == 407_498_752  # the card's embedding parameter count
+    jslm = ModelConfig.from_hf(SHAPES["jslm-3b-4e1t"])
+    assert jslm.num_parameters() == 2_795_443_200  # the card's parameter count
+    assert ModelConfig.from_hf(SHAPES["alpha-7b"]).intermediate_size == 11008
+
+
+def test_shared_weights_give_the_same_logits() -> None:
+    model, reference = build_shape("tiny", None, torch.float32, with_reference=True)
+    ids = torch.randint(0, 1024, (1, 12))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max() < 1e-4
