@@ -151,7 +151,8 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
 
 
 def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
-              prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None) -> dict[str, Any]:
+              prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
+              quantize: list[str] | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES.get(dtype) or resolve_dtype(dtype, ModelConfig.from_hf(SHAPES["tiny"]))
@@ -176,12 +177,22 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     bandwidth = memory_bandwidth_gbs()
     roofline = bandwidth * 1e9 / step_bytes
 
-    time_kataru(model, 16, 4, 1)  # warm up allocators and kernels
-    prefill, _ = time_kataru(model, prompt_len, 1, 1)
-    _, decode1 = time_kataru(model, 16, new_tokens, 1)
-    _, decode8 = time_kataru(model, 16, new_tokens, 8)
-    results = [Result("kataru", prompt_len / prefill, prefill, new_tokens / decode1, 8 * new_tokens / decode8,
-                      (new_tokens / decode1) / roofline)]
+    def measure(name: str, m: Transformer) -> Result:
+        time_kataru(m, 16, 4, 1)  # warm up allocators and kernels
+        prefill, _ = time_kataru(m, prompt_len, 1, 1)
+        _, decode1 = time_kataru(m, 16, new_tokens, 1)
+        _, decode8 = time_kataru(m, 16, new_tokens, 8)
+        return Result(name, prompt_len / prefill, prefill, new_tokens / decode1, 8 * new_tokens / decode8,
+                      (new_tokens / decode1) / roofline)
+
+    results = [measure("kataru", model)]
+    from kataru.quantize import quantize as quantize_model
+
+    for method in quantize or []:
+        quantized = quantize_model(model, method, inplace=False)
+        results.append(measure(f"kataru {method}", quantized))
+        results[-1].roofline_fraction = None  # the roofline above is for the unquantized weights
+        del quantized
     if reference is not None:
         time_transformers(reference, 16, 2, 1)
         prefill_t, _ = time_transformers(reference, prompt_len, 1, 1)
@@ -196,8 +207,8 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
         "torch": torch.__version__, "results": [asdict(r) for r in results],
     }
-    if len(results) == 2:
-        k, t = results
+    if reference is not None:
+        k, t = results[0], results[-1]
         report["ratios"] = {"prefill": k.prefill_tok_s / t.prefill_tok_s, "decode_b1": k.decode_b1_tok_s /
                             t.decode_b1_tok_s, "decode_b8": k.decode_b8_tok_s / t.decode_b8_tok_s}
     return report
@@ -234,7 +245,9 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         names = [r["engine"] for r in report["results"]]
-        ax.bar(names, [r[key] for r in report["results"]], color=["#c0392b", "#7f8c8d"][: len(names)])
+        colors = ["#7f8c8d" if n == "transformers" else "#c0392b" for n in names]
+        ax.bar(names, [r[key] for r in report["results"]], color=colors)
+        ax.tick_params(axis="x", labelrotation=20)
         if key == "decode_b1_tok_s":
             ax.axhline(report["roofline_decode_tok_s"], linestyle="--", color="k", label="roofline")
             ax.legend()
@@ -245,8 +258,10 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main(args: Any) -> None:
+    methods = [m for m in (args.quantize or "").split(",") if m]
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
-                       prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads)
+                       prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
+                       quantize=methods)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)

@@ -19,6 +19,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face checkpoint folder")
     p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
 
 
 def _add_prompting(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--special", action="store_true", help="add bos/eos as the tokenizer config says")
     tok.add_argument("--tokens", action="store_true", help="print the pieces beside the ids")
     tok.add_argument("--json", action="store_true", help="one JSON list per text")
+    quant = sub.add_parser("quantize", help="write a weight-only quantized copy of a checkpoint")
+    quant.add_argument("model", help="local checkpoint folder")
+    quant.add_argument("out", help="folder to write")
+    quant.add_argument("--method", choices=["int8", "int4"], default="int8")
+    quant.add_argument("--dtype", default="bfloat16", help="dtype of activations and unquantized weights")
+
     bench = sub.add_parser("bench", help="prefill/decode speed vs the memory roofline (and transformers)")
     bench.add_argument("target", help="a seed shape (llm-jp-3.1-1.8b, rinna-3.6b, jslm-3b-4e1t, gamma-7b, alpha-7b, "
                                       "tiny) or a model folder")
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--threads", type=int)
+    bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--plot", help="write a PNG chart here")
     return parser
@@ -93,7 +101,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kataru.llm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, prompt_style=getattr(args, "prompt_style", None))
+    return load(args.model, dtype=args.dtype, device=args.device, prompt_style=getattr(args, "prompt_style", None),
+                quantize=args.quantize)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -174,6 +183,13 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
             print(" ".join(map(str, ids)))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from kataru.llm import load
+
+    llm = load(args.model, dtype=args.dtype, quantize=args.method)
+    print(llm.save_quantized(args.out))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from kataru.bench import main as bench_main
 
@@ -182,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "bench": cmd_bench,
+    "quantize": cmd_quantize,
     "info": cmd_info,
     "generate": cmd_generate,
     "chat": cmd_chat,

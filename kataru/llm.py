@@ -16,6 +16,8 @@ from kataru.config import ModelConfig, read_config_file
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, decode_steps, find_stop, held_back
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
+from kataru.quantize import load_quantized, read_quantization, save_quantized
+from kataru.quantize import quantize as quantize_model
 from kataru.tokenizer import StreamDecoder, Tokenizer
 
 # The generate(...) arguments of each family's model card; generation_config.json fills the rest.
@@ -44,7 +46,7 @@ class Completion:
 
 class LLM:
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, quantize: str | None = None) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise KataruError(f"model folder {folder} does not exist; give the path of a local checkpoint folder")
@@ -52,7 +54,15 @@ class LLM:
         self.config = ModelConfig.from_hf(read_config_file(folder))
         self.dtype = resolve_dtype(dtype, self.config)
         self.tokenizer = Tokenizer(folder)
-        self.model = load_weights(folder, self.config, self.dtype, device, progress)
+        saved_quantization = read_quantization(folder)
+        if saved_quantization:
+            self.model = load_quantized(folder, self.config, saved_quantization, device)
+            self.dtype = self.model.tok_embeddings.weight.dtype
+        else:
+            self.model = load_weights(folder, self.config, self.dtype, device, progress)
+            if quantize:
+                quantize_model(self.model, quantize)
+        self.quantization: str | None = getattr(self.model, "quantization", None)
         self.prompt_style: PromptStyle = (get_style(prompt_style) if prompt_style
                                           else detect_style(self.config.family, self.tokenizer))
         generation_config = self._generation_config()
@@ -85,6 +95,7 @@ class LLM:
             "family": c.family,
             "parameters": c.num_parameters(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
             "checkpoint_dtype": c.torch_dtype,
             "context": c.max_seq_len,
             "layers": c.n_layer,
@@ -183,6 +194,12 @@ class LLM:
             yield row, final[emitted[row]:], completion
             emitted[row] = len(final)
 
+    def save_quantized(self, out: str | Path) -> Path:
+        """Write a quantized copy of this checkpoint folder that kataru loads back as it is."""
+        if not self.quantization:
+            raise KataruError("this model is not quantized; load it with quantize='int8' or 'int4' first")
+        return save_quantized(self.model, self.folder, Path(out))
+
     # --- scoring ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, token_ids: list[list[int]]) -> Tensor:
@@ -205,7 +222,7 @@ class LLM:
 
 
 def load(folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-         progress: bool | None = None) -> LLM:
-    """Load a local Hugging Face checkpoint folder; nothing is downloaded."""
-    return LLM(folder, dtype=dtype, device=device, prompt_style=prompt_style, progress=progress)
+         progress: bool | None = None, quantize: str | None = None) -> LLM:
+    """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4."""
+    return LLM(folder, dtype=dtype, device=device, prompt_style=prompt_style, progress=progress, quantize=quantize)
 

@@ -1,0 +1,72 @@
+"""Weight-only int8/int4: errors within a bound derived from the rounding, and save/reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kataru
+from kataru.cli import main
+from kataru.quantize import Int4Linear, Int8Linear
+
+
+def layer(out_features: int = 96, in_features: int = 128) -> nn.Linear:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.2)
+    return linear.to(torch.bfloat16)
+
+
+def test_int8_error_is_within_the_rounding_bound() -> None:
+    """Rounding moves each weight by at most half a step, max|w_row|/254, so
+    |y_q - y| <= sum_k |x_k| * max|w_row| / 254, plus bf16 rounding of the output (2^-8 relative)."""
+    linear = layer()
+    x = torch.randn(5, 128).bfloat16()
+    exact = x.float() @ linear.weight.float().t() + linear.bias.float()
+    got = Int8Linear.from_linear(linear)(x).float()
+    bound = x.float().abs().sum(-1, keepdim=True) * linear.weight.float().abs().amax(1) / 254
+    assert ((got - exact).abs() <= bound + exact.abs() / 128 + 1e-2).all()
+    assert (got - exact).abs().max() > 0  # it is quantized
+
+
+def test_int4_error_is_within_the_rounding_bound() -> None:
+    """Groups of 64 with 16 levels: each weight moves by at most (max-min)/30 of its group."""
+    linear = layer()
+    x = torch.randn(5, 128).bfloat16()
+    exact = x.float() @ linear.weight.float().t() + linear.bias.float()
+    got = Int4Linear.from_linear(linear, group_size=64)(x).float()
+    w = linear.weight.float().reshape(96, 2, 64)
+    half_step = (w.amax(-1) - w.amin(-1)) / 30  # [out, groups]
+    x_mass = x.float().abs().reshape(5, 2, 64).sum(-1)  # [rows, groups]
+    bound = x_mass @ half_step.t()
+    assert ((got - exact).abs() <= bound + exact.abs() / 64 + 2e-2).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_stays_close_and_reloads(method: str, checkpoints: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    folder = checkpoints["llama"][0]
+    base = kataru.load(folder, dtype="bfloat16")
+    quant = kataru.load(folder, dtype="bfloat16", quantize=method)
+    assert quant.info()["quantization"] == method
+    ids = [list(range(5, 60))]
+    a, b = base.logits(ids), quant.logits(ids)
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    # Uniform rounding of Gaussian weights leaves a relative error of (range/levels)/sqrt(12)/sigma per matmul:
+    # ~0.007 for int8 (range ~6 sigma over 254 steps) and ~0.09 for int4 (~4.6 sigma over 15 steps, groups of
+    # 64). Seven matmuls lie on the path (2 layers x 3, head), adding in quadrature to ~0.02 and ~0.24, i.e.
+    # a cosine of ~0.9998 and ~0.97 before a random network amplifies it; the margins allow 10x and ~4x that.
+    assert cosine > (0.995 if method == "int8" else 0.85)
+    assert main(["quantize", str(folder), str(tmp_path / "q"), "--method", method]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "q" / "kataru_quantization.json").read_text())["method"] == method
+    reloaded = kataru.load(tmp_path / "q")
+    assert reloaded.quantization == method
+    assert torch.equal(reloaded.logits(ids), b)
+    assert reloaded.generate("x", temperature=0, max_new_tokens=6) == quant.generate("x", temperature=0,
+                                                                                  max_new_tokens=6)
