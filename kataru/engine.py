@@ -1,0 +1,183 @@
+"""Continuous batching: requests join the running batch at step boundaries and leave when done.
+
+Each running request owns one row of the preallocated KV cache; rows hold sequences of any length, so a
+decode step writes each row's token at that row's own slot and masks every row to its own keys. A new
+request is prefilled alone into a free row, then decodes with the others. Memory is a budget of cache
+tokens: a request reserves its prompt plus max_new_tokens (capped at the context) and waits while the
+budget or the rows are taken; one that could never fit is refused at submission. Cancelling frees the
+row and the reservation at once. Greedy results equal running each request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kataru.errors import KataruError
+from kataru.generation import SamplingParams, Step, check_context, pick_token
+from kataru.model import Transformer
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = 0
+    row: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    reserved: int = 0
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+    queue: asyncio.Queue | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache: the prompt and every generated token but the newest."""
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
+
+
+class Engine:
+    def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
+                 max_cache_tokens: int | None = None) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.context = model.config.max_seq_len
+        self.budget = max_cache_tokens or max_batch * self.context
+        model.setup_caches(max_batch, self.context)
+        self.free_rows = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.reserved = 0
+        self.ids = itertools.count(1)
+        self._loop_task: asyncio.Task | None = None
+
+    # --- requests ----------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        check_context(len(prompt), self.context)
+        params.validate()
+        request = Request(list(prompt), params, id=next(self.ids))
+        request.reserved = min(len(prompt) + params.max_new_tokens, self.context)
+        if request.reserved > self.budget:
+            raise KataruError(f"the request needs {request.reserved} cache tokens, more than the engine's budget of "
+                              f"{self.budget}; lower max_new_tokens or raise max_cache_tokens")
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        if request.done:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, "cancelled")
+
+    @property
+    def free_tokens(self) -> int:
+        return self.budget - self.reserved
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Step]:
+        """Admit what fits (prefill), then one decode step for every running request."""
+        events: list[Step] = []
+        running_before = list(self.running)
+        while self.waiting and self.free_rows and self.waiting[0].reserved <= self.free_tokens:
+            events.append(self._prefill(self.waiting.popleft()))
+        if running_before:
+            events += self._decode([r for r in running_before if not r.done])
+        return events
+
+    def _prefill(self, request: Request) -> Step:
+        request.row = self.free_rows.pop(0)
+        self.reserved += request.reserved
+        device = self.model.tok_embeddings.weight.device
+        vocab = self.model.config.vocab_size
+        request.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        request.seen[torch.tensor([t for t in request.prompt if t < vocab], dtype=torch.long, device=device)] = True
+        if not request.params.greedy:
+            request.generator = torch.Generator(device=device)
+            seed = request.params.seed if request.params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            request.generator.manual_seed(seed)
+        tokens = torch.tensor([request.prompt], device=device)
+        logits = self.model(tokens, start=0, rows=torch.tensor([request.row], device=device), last_only=True)
+        self.running.append(request)
+        return self._accept(request, logits[0, -1])
+
+    def _decode(self, batch: list[Request]) -> list[Step]:
+        if not batch:
+            return []
+        device = self.model.tok_embeddings.weight.device
+        tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=device)
+        slots = torch.tensor([r.length for r in batch], device=device)
+        rows = torch.tensor([r.row for r in batch], device=device)
+        logits = self.model(tokens, start=slots, rows=rows)
+        return [self._accept(r, logits[i, -1]) for i, r in enumerate(batch)]
+
+    def _accept(self, request: Request, logits: torch.Tensor) -> Step:
+        assert request.seen is not None
+        token = pick_token(logits, request.seen, request.params, request.generator)
+        if token < request.seen.numel():
+            request.seen[token] = True
+        request.tokens.append(token)
+        reason = None
+        if token in self.eos_ids and not request.params.ignore_eos:
+            reason = "stop"
+        elif len(request.tokens) >= request.params.max_new_tokens or request.length + 1 >= self.context:
+            reason = "length"
+        if request.queue is not None:
+            request.queue.put_nowait(token)
+        if reason:
+            self._finish(request, reason)
+        return Step(request.id, token, reason)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        if request in self.running:
+            self.running.remove(request)
+            self.reserved -= request.reserved
+            assert request.row is not None
+            self.free_rows.append(request.row)
+            self.free_rows.sort()
+        if request.queue is not None:
+            request.queue.put_nowait(None)
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.has_work():
+            self.step()
+
+    # --- async ---------------------------------------------------------------------------------------
+    async def stream(self, request: Request) -> AsyncIterator[int]:
+        """Token ids of one request as they come; the engine steps in the background."""
+        if request.queue is None:
+            request.queue = asyncio.Queue()
+            for token in request.tokens:
+                request.queue.put_nowait(token)
+            if request.done:
+                request.queue.put_nowait(None)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._background())
+        try:
+            while (token := await request.queue.get()) is not None:
+                yield token
+        finally:
+            if not request.done:  # the consumer went away: free the row now
+                self.cancel(request)
+
+    async def _background(self) -> None:
+        while self.has_work():
+            self.step()
+            await asyncio.sleep(0)

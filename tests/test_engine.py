@@ -1,0 +1,101 @@
+"""Continuous batching: same greedy outputs as running alone, joins, cancellation, memory budget, async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import kataru
+from kataru.engine import Engine
+from kataru.errors import KataruError
+from kataru.generation import SamplingParams, decode_steps
+
+
+def alone(llm: kataru.LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [s.token_id for s in decode_steps(llm.model, [prompt], [params], llm.eos_ids)]
+
+
+def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_neox"])
+def test_requests_joining_mid_batch_match_running_alone(family: str, checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints[family][0], dtype="float32")
+    params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True, repetition_penalty=1.1)
+              for n in (12, 20, 7, 15)]
+    ps = prompts(llm.config.vocab_size, [5, 30, 11, 18])
+    expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3)
+    first = [engine.submit(p, q) for p, q in zip(ps[:2], params[:2], strict=True)]
+    for _ in range(4):
+        engine.step()
+    later = [engine.submit(p, q) for p, q in zip(ps[2:], params[2:], strict=True)]  # join at a step boundary
+    engine.run()
+    assert [r.tokens for r in first + later] == expected
+    assert all(r.finish_reason == "length" for r in first + later)
+    assert sorted(engine.free_rows) == [0, 1, 2] and engine.reserved == 0
+
+
+def test_cancelling_a_neighbour_frees_its_row_and_leaves_others_unchanged(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
+    a, b = prompts(llm.config.vocab_size, [9, 14])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
+    keep, drop = engine.submit(a, params), engine.submit(b, params)
+    engine.step()
+    engine.step()
+    assert engine.free_rows == [] and engine.reserved == keep.reserved + drop.reserved
+    engine.cancel(drop)
+    assert drop.finish_reason == "cancelled" and engine.free_rows == [drop.row]
+    assert engine.reserved == keep.reserved
+    engine.run()
+    assert keep.tokens == alone(llm, a, params)
+
+
+def test_budget_makes_requests_wait_and_refuses_what_never_fits(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=10, do_sample=False, ignore_eos=True)
+    a, b = prompts(llm.config.vocab_size, [20, 20])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=4, max_cache_tokens=45)  # room for one request of 30
+    first, second = engine.submit(a, params), engine.submit(b, params)
+    engine.step()
+    assert first in engine.running and second in engine.waiting  # waits for memory, not for a row
+    engine.run()
+    assert first.tokens == alone(llm, a, params) and second.tokens == alone(llm, b, params)
+    with pytest.raises(KataruError, match="more than the engine's budget"):
+        engine.submit(list(range(3, 43)), params)
+    with pytest.raises(KataruError, match="longer than the model's context"):
+        engine.submit(list(range(3, 3 + llm.config.max_seq_len + 5)), params)
+
+
+def test_per_request_sampling_and_eos(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["stablelm"][0], dtype="float32")
+    p = prompts(llm.config.vocab_size, [10])[0]
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    first = alone(llm, p, greedy)[0]
+    engine = Engine(llm.model, {first}, max_batch=4)
+    sampled = [engine.submit(p, SamplingParams(max_new_tokens=8, seed=s, top_k=0, ignore_eos=True))
+               for s in (1, 1, 2)]
+    stopped = engine.submit(p, SamplingParams(max_new_tokens=8, do_sample=False))
+    engine.run()
+    assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
+    assert stopped.tokens == [first] and stopped.finish_reason == "stop"
+
+
+def test_async_stream(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["mistral"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=9, do_sample=False, ignore_eos=True)
+    ps = prompts(llm.config.vocab_size, [6, 13])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
+
+    async def collect(prompt: list[int]) -> list[int]:
+        return [t async for t in engine.stream(engine.submit(prompt, params))]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(p) for p in ps)))
+
+    assert asyncio.run(main()) == [alone(llm, p, params) for p in ps]
