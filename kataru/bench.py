@@ -18,8 +18,9 @@ import torch
 
 from kataru.checkpoint import DTYPES, load_weights, resolve_dtype
 from kataru.config import ModelConfig
+from kataru.engine import Engine
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams, decode_steps
+from kataru.generation import SamplingParams
 from kataru.model import Transformer
 
 # config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
@@ -122,19 +123,17 @@ def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
 
 
 def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens per row) with the engine's own loop."""
+    """(prefill seconds, decode seconds for new_tokens per row) on the continuous-batching engine."""
     vocab = model.config.vocab_size
-    prompts = [torch.randint(3, vocab, (prompt_len,)).tolist() for _ in range(batch)]
-    params = [SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)] * batch
+    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    for _ in range(batch):
+        engine.submit(torch.randint(3, vocab, (prompt_len,)).tolist(), params)
     start = time.perf_counter()
-    first = None
-    for step in decode_steps(model, prompts, params, set()):
-        if first is None:
-            first = time.perf_counter()
-        del step
-    end = time.perf_counter()
-    assert first is not None
-    return first - start, end - first
+    engine.step()  # every request is prefilled and gets its first token
+    first = time.perf_counter()
+    engine.run()
+    return first - start, time.perf_counter() - first
 
 
 @torch.inference_mode()

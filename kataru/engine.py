@@ -48,13 +48,15 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
-                 max_cache_tokens: int | None = None) -> None:
+                 max_cache_tokens: int | None = None, row_len: int | None = None) -> None:
+        """row_len: cache slots per row (default the model's context); a request must fit in one row."""
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.context = model.config.max_seq_len
-        self.budget = max_cache_tokens or max_batch * self.context
-        model.setup_caches(max_batch, self.context)
+        self.row_len = min(row_len or self.context, self.context)
+        self.budget = max_cache_tokens or max_batch * self.row_len
+        model.setup_caches(max_batch, self.row_len)
         self.free_rows = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -68,6 +70,9 @@ class Engine:
         params.validate()
         request = Request(list(prompt), params, id=next(self.ids))
         request.reserved = min(len(prompt) + params.max_new_tokens, self.context)
+        if request.reserved > self.row_len:
+            raise KataruError(f"the request needs {request.reserved} cache slots, more than the engine's rows of "
+                              f"{self.row_len}; lower max_new_tokens or build the engine with a longer row_len")
         if request.reserved > self.budget:
             raise KataruError(f"the request needs {request.reserved} cache tokens, more than the engine's budget of "
                               f"{self.budget}; lower max_new_tokens or raise max_cache_tokens")

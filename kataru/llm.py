@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,9 @@ from torch import Tensor
 
 from kataru.checkpoint import load_weights, resolve_dtype
 from kataru.config import ModelConfig, read_config_file
+from kataru.engine import Engine
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams, decode_steps, find_stop, held_back
+from kataru.generation import SamplingParams, Step, decode_steps, find_stop, held_back
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
 from kataru.quantize import load_quantized, read_quantization, save_quantized
 from kataru.quantize import quantize as quantize_model
@@ -167,7 +168,14 @@ class LLM:
         emitted = [0] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
         finished: set[int] = set()
-        steps = decode_steps(self.model, prompts, [params] * len(prompts), self.eos_ids, use_cache, finished)
+        if use_cache:
+            engine = Engine(self.model, self.eos_ids, max_batch=len(prompts),
+                            row_len=max(min(len(p) + params.max_new_tokens, self.config.max_seq_len) for p in prompts))
+            requests = [engine.submit(p, params) for p in prompts]
+            row_of = {r.id: i for i, r in enumerate(requests)}
+            steps: Iterator[Step] = (replace(s, row=row_of[s.row]) for s in _engine_steps(engine))
+        else:  # the no-cache path recomputes everything each step: the reference the tests compare with
+            steps = decode_steps(self.model, prompts, [params] * len(prompts), self.eos_ids, False, finished)
         for step in steps:
             row = step.row
             generated[row].append(step.token_id)
@@ -179,6 +187,8 @@ class LLM:
             if cut is not None:
                 reason = "stop"
                 finished.add(row)
+                if use_cache:
+                    engine.cancel(requests[row])
             if reason is None:
                 visible = len(texts[row]) - held_back(texts[row], stops)
                 if visible > emitted[row]:
@@ -219,6 +229,11 @@ class LLM:
         for row, ids in enumerate(token_ids):
             tokens[row, :len(ids)] = torch.tensor(ids)
         return self.model(tokens).float()
+
+
+def _engine_steps(engine: Engine) -> Iterator[Step]:
+    while engine.has_work():
+        yield from engine.step()
 
 
 def load(folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
