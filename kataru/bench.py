@@ -258,9 +258,77 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def main(args: Any) -> None:
     methods = [m for m in (args.quantize or "").split(",") if m]
+    if args.quality:
+        report = run_quality(args.target, args.dtype, methods or ["int8", "int4"], args.text)
+        if args.json:
+            print(json.dumps(report))
+            return
+        print(f"perplexity of {report['target']} on {report['tokens']} held-out tokens (windows of {report['window']})")
+        for row in report["rows"]:
+            print(f"{row['method']:<10}{row['perplexity']:>12.3f}{100 * row['increase']:>+9.2f}%")
+        return
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
                        prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
                        quantize=methods)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)
+
+
+def heldout_texts(path: str | None, max_chars: int) -> list[str]:
+    """The user's text file, or held-out Aozora Bunko works from shared/ (the second sample file)."""
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise KataruError(f"cannot read {path} as UTF-8 text ({err})") from None
+        return [text[:max_chars]]
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "aozora" / "aozora-sample-2.jsonl.gz"
+    if not shared.is_file():
+        raise KataruError("no text for --quality: give --text FILE (held-out Japanese text)")
+    import gzip
+
+    texts, total = [], 0
+    with gzip.open(shared, "rt", encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            texts.append(text[: max_chars - total])
+            total += len(texts[-1])
+            if total >= max_chars:
+                break
+    return texts
+
+
+@torch.inference_mode()
+def perplexity(model: Transformer, token_lists: list[list[int]], window: int) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of each text."""
+    nll, count = 0.0, 0
+    for ids in token_lists:
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start:start + window + 1]
+            if len(chunk) < 2:
+                continue
+            logits = model(torch.tensor([chunk[:-1]])).float()
+            target = torch.tensor(chunk[1:])
+            nll += torch.nn.functional.cross_entropy(logits[0], target, reduction="sum").item()
+            count += len(chunk) - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, max_chars: int = 20000,
+                window: int = 512) -> dict[str, Any]:
+    from kataru.llm import load
+    from kataru.quantize import quantize as quantize_model
+
+    if not Path(folder).is_dir():
+        raise KataruError("--quality needs a model folder (perplexity of random weights means nothing)")
+    llm = load(folder, dtype=dtype, progress=False)
+    tokens = [llm.tokenizer.encode(t, add_special_tokens=True) for t in heldout_texts(text, max_chars)]
+    window = min(window, llm.config.max_seq_len - 1)
+    rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window)}]
+    for method in methods:
+        rows.append({"method": method, "perplexity": perplexity(quantize_model(llm.model, method, inplace=False),
+                                                                 tokens, window)})
+    for row in rows:
+        row["increase"] = row["perplexity"] / rows[0]["perplexity"] - 1
+    return {"target": folder, "tokens": sum(len(t) for t in tokens), "window": window, "rows": rows}

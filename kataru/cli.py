@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
+    bench.add_argument("--quality", action="store_true",
+                       help="perplexity on held-out text for the dtype and each --quantize method (a folder)")
+    bench.add_argument("--text", help="held-out text for --quality (default: Aozora works in shared/)")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--plot", help="write a PNG chart here")
     return parser

@@ -36,3 +36,18 @@ def test_shared_weights_give_the_same_logits() -> None:
     ids = torch.randint(0, 1024, (1, 12))
     with torch.no_grad():
         assert (model(ids) - reference(ids).logits).abs().max() < 1e-4
+
+
+def test_quality_reports_perplexity_per_method(checkpoints: dict, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    text = tmp_path / "heldout.txt"
+    text.write_text("吾輩は猫である。名前はまだ無い。" * 20, encoding="utf-8")
+    folder = checkpoints["llama"][0]
+    assert main(["bench", str(folder), "--quality", "--quantize", "int8,int4", "--text", str(text), "--json",
+                 "--dtype", "float32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    methods = [r["method"] for r in report["rows"]]
+    assert methods == ["float32", "int8", "int4"]
+    base, int8, int4 = (r["perplexity"] for r in report["rows"])
+    assert 1 < base < 10 * 439  # a random model over a 439-token vocabulary is near uniform
+    assert abs(int8 / base - 1) < 0.05  # int8 barely moves it (see test_quantize for the bound)
+    assert int4 > 0
