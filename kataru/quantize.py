@@ -18,12 +18,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
 
 METHODS = ("int8", "int4")
+UPCAST_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -47,6 +49,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        rows = x.numel() // shape[-1]
+        if x.device.type == "cpu" and rows >= UPCAST_ROWS:  # prefill: dequantize once, fp32 GEMM (see model.Linear)
+            weight = self.weight.float() * self.scales.float().unsqueeze(1)
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), weight, bias).to(x.dtype)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, scales)
         y = y.reshape(*shape[:-1], self.out_features)
