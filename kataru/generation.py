@@ -106,7 +106,10 @@ def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: 
 
 @dataclass
 class Step:
-    """One new token of one row; `finish_reason` is set on the row's last step."""
+    """One new token; `row` is the batch row (decode_steps) or the request id (Engine).
+
+    `finish_reason` is set on the last step of that row or request.
+    """
 
     row: int
     token_id: int
