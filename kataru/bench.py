@@ -155,6 +155,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES.get(dtype) or resolve_dtype(dtype, ModelConfig.from_hf(SHAPES["tiny"]))
+    bandwidth = memory_bandwidth_gbs()  # first, so its buffer is gone before the model counts towards peak RSS
     reference = None
     if Path(target).is_dir():
         from kataru.llm import load
@@ -173,7 +174,6 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     if config.tie_embeddings:
         step_bytes = weight_bytes
-    bandwidth = memory_bandwidth_gbs()
     roofline = bandwidth * 1e9 / step_bytes
 
     def measure(name: str, m: Transformer) -> Result:
