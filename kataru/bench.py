@@ -104,6 +104,12 @@ def build_shape(name: str, layers: int | None, dtype: torch.dtype, with_referenc
         with torch.no_grad():
             for p in reference.parameters():
                 p.normal_(0, 0.02)
+        # to_empty leaves buffers uninitialised: rebuild the rotary tables (the only buffers) properly.
+        for name, module in list(reference.named_modules()):
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                parent, _, child = name.rpartition(".")
+                setattr(reference.get_submodule(parent) if parent else reference, child, type(module)(config=hf))
+        assert not [n for n, _ in reference.named_buffers() if "rotary" not in n], "unexpected buffers"
         return load_weights(Path(name), config, dtype, progress=False, state_dict=reference.state_dict()), reference
     return random_model(config, dtype), None
 
