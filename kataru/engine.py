@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams, Step, check_context, pick_token
+from kataru.generation import SamplingParams, Step, check_context, pick_token, sampling_generator, seen_tokens
 from kataru.model import Transformer
 
 
@@ -110,12 +110,8 @@ class Engine:
         self.reserved += request.reserved
         device = self.model.tok_embeddings.weight.device
         vocab = self.model.config.vocab_size
-        request.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        request.seen[torch.tensor([t for t in request.prompt if t < vocab], dtype=torch.long, device=device)] = True
-        if not request.params.greedy:
-            request.generator = torch.Generator(device=device)
-            seed = request.params.seed if request.params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-            request.generator.manual_seed(seed)
+        request.seen = seen_tokens(request.prompt, vocab, device)
+        request.generator = sampling_generator(request.params, device)
         tokens = torch.tensor([request.prompt], device=device)
         logits = self.model(tokens, start=0, rows=torch.tensor([request.row], device=device), last_only=True)
         self.running.append(request)

@@ -104,6 +104,22 @@ def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def seen_tokens(ids: list[int], vocab: int, device: torch.device) -> Tensor:
+    """[vocab] bool: the tokens the repetition penalty applies to (those of the prompt, to start with)."""
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+    seen[torch.tensor([i for i in ids if i < vocab], dtype=torch.long, device=device)] = True
+    return seen
+
+
+def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A request's own RNG (seeded when asked), so sampling never depends on its batch neighbours."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return generator
+
+
 @dataclass
 class Step:
     """One new token; `row` is the batch row (decode_steps) or the request id (Engine).
@@ -150,16 +166,8 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: list[Samp
     key_mask = (slots.unsqueeze(0) >= pad.unsqueeze(1)) if bool((pad > 0).any()) else None
 
     vocab = model.config.vocab_size
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    for row, ids in enumerate(prompts):
-        seen[row, torch.tensor([i for i in ids if i < vocab], dtype=torch.long, device=device)] = True
-    generators = []
-    for p in params:
-        g = None
-        if not p.greedy:
-            g = torch.Generator(device=device)
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        generators.append(g)
+    seen = torch.stack([seen_tokens(ids, vocab, device) for ids in prompts])
+    generators = [sampling_generator(p, device) for p in params]
 
     if use_cache:
         model.setup_caches(b, total)

@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +24,9 @@ from torch import Tensor, nn
 
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
+from kataru.model import Linear
 
 METHODS = ("int8", "int4")
-UPCAST_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -50,7 +51,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
-        if x.device.type == "cpu" and rows >= UPCAST_ROWS:  # prefill: dequantize once, fp32 GEMM (see model.Linear)
+        if x.device.type == "cpu" and rows >= Linear.upcast_rows:  # prefill: dequantize once, fp32 GEMM
             weight = self.weight.float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
@@ -133,41 +134,39 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
     inplace=False leaves the model as it is and returns a quantized copy that shares its embeddings and
     norms (the benchmark measures several methods from one set of weights).
     """
-    if not inplace:
-        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-        model = copy.deepcopy(model, memo=shared)
     if method not in METHODS:
         raise KataruError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
     if model.tok_embeddings.weight.dtype == torch.float16 and method == "int8":  # type: ignore[union-attr]
         raise KataruError("int8 runs with bfloat16 or float32 activations; load with --dtype bfloat16")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                if _int4_fits(child, method):
-                    new: nn.Module = Int4Linear.from_linear(child, group_size)
-                else:
-                    new = Int8Linear.from_linear(child)
-                setattr(parent, name, new)
-    model.quantization = method  # type: ignore[assignment]
-    return model
+    if not inplace:
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        model = copy.deepcopy(model, memo=shared)
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        if _int4_fits(linear, method):
+            return Int4Linear.from_linear(linear, group_size)
+        return Int8Linear.from_linear(linear)
+
+    return _replace_linears(model, method, convert)
 
 
 def empty_quantized(model: nn.Module, method: str, group_size: int = 64) -> nn.Module:
     """The quantized structure with empty buffers, to load a saved quantized state dict into."""
+
+    def empty(linear: nn.Linear) -> nn.Module:
+        args = (linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        return Int4Linear(*args, group_size) if _int4_fits(linear, method) else Int8Linear(*args)
+
+    return _replace_linears(model, method, empty)
+
+
+def _replace_linears(model: nn.Module, method: str, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                dtype = child.weight.dtype
-                args = (child.in_features, child.out_features, child.bias is not None, dtype)
-                setattr(parent, name, Int4Linear(*args, group_size) if _int4_fits(child, method) else Int8Linear(*args))
+                setattr(parent, name, make(child))
     model.quantization = method  # type: ignore[assignment]
     return model
-
-
-def linear_bytes(model: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)
-               for b in m.buffers(recurse=False))
-
 
 
 QUANT_FILE = "kataru_quantization.json"

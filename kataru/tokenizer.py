@@ -306,22 +306,23 @@ class StreamDecoder:
         self.prefix_offset = 0
         self.read_offset = 0
 
+    def _window(self) -> tuple[str, str]:
+        """Text of the window up to the last emitted id, and of the whole window."""
+        decode = self.tokenizer.decode
+        return (decode(self.ids[self.prefix_offset:self.read_offset], self.skip),
+                decode(self.ids[self.prefix_offset:], self.skip))
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        new_text = decode(self.ids[self.prefix_offset:], self.skip)
+        prefix_text, new_text = self._window()
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return piece
+            return new_text[len(prefix_text):]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished byte sequence at the very end)."""
-        decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        new_text = decode(self.ids[self.prefix_offset:], self.skip)
+        prefix_text, new_text = self._window()
         self.prefix_offset = self.read_offset = len(self.ids)
         return new_text[len(prefix_text):]
