@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kataru.checkpoint import DTYPES, load_weights, resolve_dtype
+from kataru.checkpoint import load_weights, resolve_dtype
 from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
@@ -57,7 +57,6 @@ class Result:
     decode_b1_tok_s: float
     decode_b8_tok_s: float
     roofline_fraction: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
@@ -82,13 +81,19 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_shape(name: str, layers: int | None, dtype: torch.dtype, with_reference: bool):  # type: ignore[no-untyped-def]
-    """(kataru model, transformers model or None) sharing the same random weights."""
+def shape_config(name: str, layers: int | None = None) -> dict[str, Any]:
+    """The config.json of a seed shape, optionally with fewer layers."""
     if name not in SHAPES:
         raise KataruError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} or give a model folder")
     hf_config = dict(SHAPES[name])
     if layers:
         hf_config["num_hidden_layers"] = layers
+    return hf_config
+
+
+def build_shape(name: str, layers: int | None, dtype: torch.dtype, with_reference: bool):  # type: ignore[no-untyped-def]
+    """(kataru model, transformers model or None) sharing the same random weights."""
+    hf_config = shape_config(name, layers)
     config = ModelConfig.from_hf(hf_config)
     torch.manual_seed(0)
     reference = None
@@ -160,18 +165,19 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
               quantize: list[str] | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
-    torch_dtype = DTYPES.get(dtype) or resolve_dtype(dtype, ModelConfig.from_hf(SHAPES["tiny"]))
     bandwidth = memory_bandwidth_gbs()  # first, so its buffer is gone before the model counts towards peak RSS
     reference = None
     if Path(target).is_dir():
         from kataru.llm import load
 
         model = load(target, dtype=dtype, progress=False).model
+        torch_dtype = model.tok_embeddings.weight.dtype  # "auto" resolved against the checkpoint
         if compare:
             import transformers
 
             reference = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype).eval()
     else:
+        torch_dtype = resolve_dtype(dtype, ModelConfig.from_hf(shape_config(target, layers)))
         model, reference = build_shape(target, layers, torch_dtype, compare == "transformers")
     config = model.config
     prompt_len = min(prompt_len, config.max_seq_len - new_tokens - 1)
