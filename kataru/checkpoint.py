@@ -274,6 +274,7 @@ class WeightFiles:
 
     def fill(self, target: Tensor, name: str, segments: list[Segment]) -> None:
         """Copy the segments' rows into target in chunks, converting dtype on the way."""
+        sources = list(dict.fromkeys(s for s, _, _ in segments))  # NeoX qkv names one tensor 3 x heads times
         row = 0
         for source, start, end in segments:
             handle = self.location[source]
@@ -283,9 +284,8 @@ class WeightFiles:
                                   "quantized or corrupt and kataru reads float32/bfloat16/float16 weights")
             end = shape[0] if end is None else end
             if tuple(shape[1:]) != tuple(target.shape[1:]) or end > shape[0] or row + end - start > target.shape[0]:
-                sources = ", ".join(f"{s} {tuple(self.location[s].shape(s))}" for s in dict.fromkeys(
-                    s for s, _, _ in segments))
-                raise KataruError(f"shape mismatch: {sources} cannot make {name} {tuple(target.shape)} that "
+                shapes = ", ".join(f"{s} {tuple(self.location[s].shape(s))}" for s in sources)
+                raise KataruError(f"shape mismatch: {shapes} cannot make {name} {tuple(target.shape)} that "
                                   "config.json implies; the weights do not match config.json")
             row_bytes = max(1, dtype.itemsize * (target[0].numel() if target.dim() > 1 else 1))
             step = max(1, CHUNK_BYTES // row_bytes)
@@ -296,7 +296,7 @@ class WeightFiles:
                 target[row:row + last - first].copy_(handle.rows(source, first, last, self.scratch))
                 row += last - first
         if row != target.shape[0]:
-            raise KataruError(f"shape mismatch: {', '.join(s for s, _, _ in segments)} give {row} rows for {name}, "
+            raise KataruError(f"shape mismatch: {', '.join(sources)} give {row} rows for {name}, "
                               f"config.json implies {target.shape[0]}; the weights do not match config.json")
 
 
