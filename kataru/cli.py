@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kataru.errors import KataruError
+from kataru.llm import DEFAULT_MODEL
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local Hugging Face checkpoint folder")
+    p.add_argument("model", nargs="?", 
+                   help="local Hugging Face checkpoint folder (default: the embedded kataru-tiny-ja)")
     p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text", help="held-out text for --quality (default: Aozora works in shared/)")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--plot", help="write a PNG chart here")
+    from kataru.train.cli import add_commands
+
+    COMMANDS.update(add_commands(sub))
     return parser
 
 
@@ -104,7 +109,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kataru.llm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, prompt_style=getattr(args, "prompt_style", None),
+    return load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
+                prompt_style=getattr(args, "prompt_style", None),
                 quantize=args.quantize)
 
 

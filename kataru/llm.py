@@ -32,6 +32,8 @@ CARD_SAMPLING: dict[str, dict[str, Any]] = {
 GENERATION_CONFIG_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 Prompt = str | list[Message]
+# kataru's own small Japanese model, trained by scripts/train-kataru-tiny-ja.sh and shipped in the package.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "kataru-tiny-ja"
 
 
 @dataclass
@@ -50,6 +52,9 @@ class LLM:
                  progress: bool | None = None, quantize: str | None = None) -> None:
         folder = Path(folder)
         if not folder.is_dir():
+            if folder == DEFAULT_MODEL:
+                raise KataruError(f"the embedded model is missing from this installation ({folder}); "
+                                  "reinstall kataru or pass a model folder")
             raise KataruError(f"model folder {folder} does not exist; give the path of a local checkpoint folder")
         self.folder = folder
         self.config = ModelConfig.from_hf(read_config_file(folder))
@@ -236,8 +241,12 @@ def _engine_steps(engine: Engine) -> Iterator[Step]:
         yield from engine.step()
 
 
-def load(folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
+def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
          progress: bool | None = None, quantize: str | None = None) -> LLM:
-    """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4."""
-    return LLM(folder, dtype=dtype, device=device, prompt_style=prompt_style, progress=progress, quantize=quantize)
+    """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
+
+    With no folder, the embedded kataru-tiny-ja model that ships inside the package.
+    """
+    return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
+               progress=progress, quantize=quantize)
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # torch pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench,train]"
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi

@@ -245,3 +245,25 @@ def checkpoints(tokenizer_dirs: dict[str, tuple[Path, int]],
         folder = tmp_path_factory.mktemp(f"ckpt-{family}")
         out[family] = (folder, make_checkpoint(family, tokenizer_dirs, folder))
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A synthetic Aozora corpus cleaned, with a trained tokenizer and packed token files."""
+    from train_fixtures import prepare
+
+    return prepare(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="session")
+def pretrained(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro pretraining run (tiny config, 50 steps) with the `kataru pretrain` command."""
+    from train_fixtures import TINY_ARGS
+
+    from kataru.cli import main
+
+    out = tmp_path_factory.mktemp("pretrain")
+    code = main(["pretrain", "--data", str(prepared["tokens"]), "--out", str(out), "--max-steps", "50",
+                 "--eval-every", "25", "--save-every", "10", *TINY_ARGS])
+    assert code == 0
+    return out

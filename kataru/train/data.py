@@ -1,0 +1,277 @@
+"""Corpus preparation: read documents, clean Aozora Bunko notation, deduplicate, split, tokenize.
+
+Aozora notation (ruby 《》 and ｜, ［＃…］ notes, gaiji references) is parsed by the `aozora` package
+(a maintained parser that also resolves gaiji like ※［＃「亞＋鳥」…］ to the real character); kataru
+only turns its HTML into plain text and drops the notation legend at the head and the colophon
+(底本：…) at the tail. Documents are deduplicated on their NFKC-normalised text and on their opening
+and closing passages (the same work is often published twice, with and without ruby), split into train
+and validation by a hash of the document id (so a work never straddles both), and tokenized in
+parallel into flat token files that training reads through `numpy.memmap`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kataru.errors import KataruError
+
+LEGEND = "【テキスト中に現れる記号について】"
+COLOPHON = re.compile(r"^\s*底本[：:]", re.MULTILINE)
+DASHES = re.compile(r"^-{20,}\s*$", re.MULTILINE)
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+
+
+def open_text(path: Path):  # type: ignore[no-untyped-def]
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_documents(paths: Iterable[str | Path], field: str = "text") -> Iterator[Document]:
+    """Documents from .jsonl(.gz) files (one JSON object per line, text in `field`) or plain text files."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise KataruError(f"data file {path} does not exist; pass .jsonl, .jsonl.gz or .txt files")
+        if ".jsonl" not in path.name and ".json" not in path.name:
+            try:
+                yield Document(str(path), path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise KataruError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f SHIFT_JIS)") from None
+            continue
+        try:
+            with open_text(path) as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise KataruError(f"{path}:{number} is not valid JSON ({err.msg}); "
+                                          "one object per line") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                        raise KataruError(f"{path}:{number} has no string field {field!r}; "
+                                          f"choose the field with --field")
+                    doc_id = str(row.get("id") or row.get("path") or f"{path.name}:{number}")
+                    yield Document(doc_id, row[field])
+        except (OSError, EOFError, UnicodeDecodeError) as err:
+            raise KataruError(f"cannot read {path} ({err}); the file is truncated or not UTF-8 JSONL") from None
+
+
+class _HtmlText(HTMLParser):
+    """Plain text from the aozora parser's HTML: ruby readings and hidden directives are dropped."""
+
+    SKIP = frozenset({"rt", "rp"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.skip or tag in self.SKIP or any(name == "hidden" for name, _ in attrs):
+            self.skip.append(tag)
+        elif tag == "br":
+            self.parts.append("\n")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "br" and not self.skip:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.skip:
+            if self.skip[-1] == tag:
+                self.skip.pop()
+            return
+        if tag == "p":
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data.replace("\n", ""))
+
+
+def is_aozora(text: str) -> bool:
+    return LEGEND in text or "［＃" in text or bool(re.search(r"《[^》\n]{1,30}》", text))
+
+
+def clean_aozora(text: str) -> str:
+    """An Aozora Bunko file as plain text: title lines and body, no notation, legend or colophon."""
+    try:
+        import aozora
+    except ImportError:
+        raise KataruError("cleaning Aozora Bunko text needs the aozora parser: pip install 'kataru[train]'") from None
+    text = text.replace("\r\n", "\n")
+    colophon = COLOPHON.search(text)
+    if colophon:
+        text = text[:colophon.start()]
+    if LEGEND in text:  # title lines, then the legend fenced by two dashed lines
+        fences = list(DASHES.finditer(text))
+        if len(fences) >= 2:
+            text = text[:fences[0].start()] + text[fences[1].end():]
+    parser = _HtmlText()
+    parser.feed(aozora.Document(text).to_html())
+    parser.close()
+    plain = html.unescape("".join(parser.parts))
+    plain = re.sub(r"[ \t]+\n", "\n", plain)
+    return re.sub(r"\n{3,}", "\n\n", plain).strip()
+
+
+def normalize_for_dedup(text: str) -> str:
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text))
+
+
+def dedup_keys(text: str, edge: int = 1000) -> tuple[str, str]:
+    norm = normalize_for_dedup(text)
+    full = hashlib.sha1(norm.encode()).hexdigest()
+    edges = hashlib.sha1((norm[:edge] + "\0" + norm[-edge:]).encode()).hexdigest()
+    return full, edges
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """A stable, id-based split: a document lands in the same split on every run and machine."""
+    bucket = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+@dataclass
+class CleanStats:
+    documents: int = 0
+    duplicates: int = 0
+    too_short: int = 0
+    train: int = 0
+    val: int = 0
+    train_chars: int = 0
+    val_chars: int = 0
+
+
+def clean_corpus(paths: list[str], out: Path, val_fraction: float = 0.01, min_chars: int = 200,
+                 field: str = "text", aozora: str = "auto", progress: bool = True) -> CleanStats:
+    """Write out/train.jsonl and out/val.jsonl: cleaned, deduplicated documents split by id."""
+    from tqdm import tqdm
+
+    if not 0 <= val_fraction < 1:
+        raise KataruError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    out.mkdir(parents=True, exist_ok=True)
+    stats, seen = CleanStats(), set()
+    tmp = {split: out / f"{split}.jsonl.tmp" for split in ("train", "val")}
+    files = {split: path.open("w", encoding="utf-8") for split, path in tmp.items()}
+    try:
+        for doc in tqdm(read_documents(paths, field), desc="clean", unit="doc", disable=None if progress else True):
+            stats.documents += 1
+            aozora_doc = aozora == "always" or (aozora == "auto" and is_aozora(doc.text))
+            text = clean_aozora(doc.text) if aozora_doc else doc.text.strip()
+            if len(text) < min_chars:
+                stats.too_short += 1
+                continue
+            keys = dedup_keys(text)
+            if keys[0] in seen or keys[1] in seen:
+                stats.duplicates += 1
+                continue
+            seen.update(keys)
+            split = "val" if is_validation(doc.id, val_fraction) else "train"
+            files[split].write(json.dumps({"id": doc.id, "text": text}, ensure_ascii=False) + "\n")
+            setattr(stats, split, getattr(stats, split) + 1)
+            setattr(stats, f"{split}_chars", getattr(stats, f"{split}_chars") + len(text))
+    finally:
+        for f in files.values():
+            f.close()
+    if stats.train == 0:
+        raise KataruError(f"no training documents left out of {stats.documents} "
+                          f"({stats.too_short} shorter than {min_chars} characters, {stats.duplicates} duplicates)")
+    for split, path in tmp.items():
+        os.replace(path, out / f"{split}.jsonl")
+    (out / "stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
+    return stats
+
+
+# --- tokenization into flat token files -------------------------------------------------------------
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(folder: str) -> None:
+    global _worker_tokenizer
+    from kataru.tokenizer import Tokenizer
+
+    _worker_tokenizer = Tokenizer(folder)
+
+
+def _encode(text: str) -> list[int]:
+    return _worker_tokenizer.encode(text)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def tokenize_corpus(folder: Path, tokenizer_folder: Path, out: Path, workers: int | None = None,
+                    field: str = "text", progress: bool = True) -> dict[str, Any]:
+    """Tokenize folder/{train,val}.jsonl into out/{train,val}.bin: documents joined by eos."""
+    from tqdm import tqdm
+
+    from kataru.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_folder)
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise KataruError(f"the tokenizer in {tokenizer_folder} has no eos token to separate documents")
+    dtype = token_dtype(tokenizer.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_token_id": eos,
+                            "tokenizer": str(tokenizer_folder), "splits": {}}
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    with Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_folder),)) as pool:
+        for split in ("train", "val"):
+            source = folder / f"{split}.jsonl"
+            if not source.is_file():
+                raise KataruError(f"{source} is missing; run `kataru data clean` first")
+            texts = (doc.text for doc in read_documents([source], field))
+            target, count, docs = out / f"{split}.bin.tmp", 0, 0
+            with target.open("wb") as f, tqdm(desc=f"tokenize {split}", unit="tok", unit_scale=True,
+                                              disable=None if progress else True) as bar:
+                for ids in pool.imap(_encode, texts, chunksize=4):
+                    np.asarray([*ids, eos], dtype=dtype).tofile(f)
+                    count += len(ids) + 1
+                    docs += 1
+                    bar.update(len(ids) + 1)
+            os.replace(target, out / f"{split}.bin")
+            meta["splits"][split] = {"tokens": count, "documents": docs}
+    if meta["splits"]["train"]["tokens"] == 0:
+        raise KataruError(f"{folder}/train.jsonl holds no documents; the dataset is empty")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_tokens(folder: Path, split: str) -> np.ndarray:
+    """A split's token file as a read-only memmap."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise KataruError(f"{folder} has no meta.json; prepare it with `kataru data tokenize`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, tokens = np.dtype(meta["dtype"]), int(meta["splits"][split]["tokens"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise KataruError(f"{meta_path} is malformed ({err}); prepare the data again") from None
+    path = folder / f"{split}.bin"
+    if not path.is_file() or path.stat().st_size != tokens * dtype.itemsize:
+        raise KataruError(f"{path} is missing or truncated (expected {tokens} tokens); prepare the data again")
+    if tokens == 0:
+        raise KataruError(f"{path} holds no tokens; the {split} split is empty")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))

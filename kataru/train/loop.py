@@ -1,0 +1,357 @@
+"""The training loop every command shares: optimizer, schedule, accumulation, DDP, checkpoints, resume.
+
+A task (pretraining, SFT, DPO) says how to build a batch from sample indices, what the loss is, how to
+evaluate, and how to save its weights. The loop owns everything else:
+
+- which samples a step sees is a pure function of (seed, step), so a resumed run reads exactly the
+  batches the uninterrupted run would have, and N processes × batch b read the same samples as one
+  process × batch N·b (each rank takes its slice of the global batch);
+- checkpoints hold the task's weights, the optimizer state, the torch RNG and the log so far; they are
+  written to a temporary folder that is renamed into place, then `latest` is replaced atomically, so an
+  interrupted write never leaves a corrupt latest checkpoint;
+- under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU) with no
+  change for the user; rank 0 logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kataru.errors import KataruError
+from kataru.train.export import write_atomic
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    keep: int = 2  # checkpoints kept on disk
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False
+    device: str = "auto"
+
+    def check(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep"):
+            if getattr(self, name) < 1:
+                raise KataruError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise KataruError(f"--lr must be positive, got {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise KataruError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Task(Protocol):
+    num_samples: int
+
+    def batch(self, indices: list[int], device: torch.device) -> dict[str, Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+    def save(self, model: nn.Module, folder: Path) -> None: ...
+
+    def load(self, model: nn.Module, folder: Path) -> None: ...
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when launched by torchrun; otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    target = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+    return Distributed(rank, world, local_rank), target
+
+
+def sample_indices(step: int, micro: int, rank: int, world: int, cfg: TrainConfig, num_samples: int,
+                   cache: dict[int, Tensor]) -> list[int]:
+    """The samples one rank reads in one micro-step: a slice of the step's global batch of a per-epoch shuffle."""
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    first = step * global_batch + (micro * world + rank) * cfg.batch_size
+    out = []
+    for g in range(first, first + cfg.batch_size):
+        epoch, position = divmod(g, num_samples)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        out.append(int(cache[epoch][position]))
+    return out
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, meta: dict[str, Any],
+                 progress: bool = True) -> None:
+        cfg.check()
+        if task.num_samples < 1:
+            raise KataruError("the dataset is empty: no training samples")
+        self.cfg, self.task, self.out, self.meta, self.progress = cfg, task, out, meta, progress
+        self.dist, self.device = init_distributed(cfg.device)
+        self.model = model.to(self.device)
+        self.model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise KataruError("nothing to train: every parameter is frozen")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+        self.wrapped: nn.Module = model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids)
+        self.forward_model: nn.Module = self.wrapped
+        if cfg.compile:
+            self.forward_model = torch.compile(self.wrapped)
+        self.autocast = self._autocast()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._perm: dict[int, Tensor] = {}
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        want = self.cfg.precision
+        if want == "auto":
+            want = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if want == "bf16":
+            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def latest(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        if not pointer.is_file():
+            return None
+        folder = self.checkpoints / pointer.read_text().strip()
+        if not (folder / "trainer_state.json").is_file():
+            raise KataruError(f"{pointer} names {folder.name}, which is incomplete; delete the pointer to start over")
+        return folder
+
+    def save(self) -> Path | None:
+        if self.dist.main:
+            name = f"step-{self.step:06d}"
+            final, tmp = self.checkpoints / name, self.checkpoints / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.task.save(self.model, tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                       tmp / "optimizer.pt")
+            state = {"step": self.step, "history": self.history, "meta": self.meta, "config": asdict(self.cfg)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, ensure_ascii=False) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_atomic(self.checkpoints / "latest", name + "\n")
+            kept = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
+            for old in kept[:-self.cfg.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            self._write_log()
+        if self.dist.world > 1:
+            dist.barrier()
+        return self.checkpoints / f"step-{self.step:06d}"
+
+    def resume(self, folder: Path | None = None) -> None:
+        folder = folder or self.latest()
+        if folder is None:
+            raise KataruError(f"--resume: no checkpoint in {self.checkpoints}; start without --resume")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state.get("meta", {}).get("model") != self.meta.get("model"):
+            raise KataruError(f"checkpoint {folder} was trained with another model config; "
+                              "resume with the same settings or start a new --out folder")
+        self.task.load(self.model, folder)
+        saved = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        self.step, self.history = int(state["step"]), list(state["history"])
+
+    def _write_log(self) -> None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history)
+        write_atomic(self.out / "log.jsonl", lines)
+        plot_history(self.history, self.out / "loss.png", title=self.meta.get("name", "training"))
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _reduce(self, value: float) -> float:
+        if self.dist.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.dist.world
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, metrics_sum, tokens = 0.0, {}, 0
+        for micro in range(cfg.grad_accum):
+            indices = sample_indices(self.step, micro, self.dist.rank, self.dist.world, cfg,
+                                     self.task.num_samples, self._perm)
+            batch = self.task.batch(indices, self.device)
+            tokens += int(batch["tokens"].item()) if "tokens" in batch else 0
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if last or self.dist.world == 1 else self.wrapped.no_sync()  # type: ignore[operator]
+            with sync:
+                with self.autocast():
+                    loss, metrics = self.task.loss(self.forward_model, batch)
+                (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + v / cfg.grad_accum
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, "loss": self._reduce(total), "lr": lr, "grad_norm": grad_norm,
+                  "tokens": tokens * self.dist.world}
+        record.update({k: self._reduce(v) for k, v in metrics_sum.items()})
+        return record
+
+    def _stop_everywhere(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.dist.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def evaluate(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        if self.dist.main:
+            self.model.eval()
+            with torch.no_grad(), self.autocast():
+                result = self.task.evaluate(self.model, self.device)
+            self.model.train()
+        if self.dist.world > 1:
+            dist.barrier()
+        return result
+
+    def run(self) -> list[dict[str, Any]]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        seen = sum(r.get("tokens", 0) for r in self.history if "loss" in r)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.meta.get("name", "train"), unit="step",
+                   disable=not (self.progress and self.dist.main), dynamic_ncols=True)
+        # Ctrl-C / SIGTERM stop the run at the next step boundary (never inside a save); a second one forces.
+        self.stop_requested = False
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.dist.main:
+            for s in previous:
+                signal.signal(s, request_stop)
+        started, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps and not self._stop_everywhere():
+                record = self.train_step()
+                seen += record["tokens"]
+                window_tokens += record["tokens"]
+                record["tokens_seen"] = seen
+                elapsed = time.perf_counter() - started
+                record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    record.update(self.evaluate())
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record})
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+            if self.dist.main:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        if self.step < cfg.max_steps:
+            folder = self.save()
+            raise KataruError(f"interrupted at step {self.step}; saved {folder}, continue with --resume")
+        return self.history
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training and validation loss against tokens seen (skipped when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    train = [(r.get("tokens_seen", r["step"]), r["loss"]) for r in history if "loss" in r]
+    val = [(r.get("tokens_seen", r["step"]), r["val_loss"]) for r in history if "val_loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(*zip(*train, strict=False), label="train loss", linewidth=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=False), "o-", label="validation loss")
+    ax.set_xlabel("tokens seen" if "tokens_seen" in history[0] else "step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
