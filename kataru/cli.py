@@ -17,7 +17,7 @@ from kataru.llm import DEFAULT_MODEL
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", 
+    p.add_argument("model", nargs="?",
                    help="local Hugging Face checkpoint folder (default: the embedded kataru-tiny-ja)")
     p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
