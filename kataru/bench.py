@@ -288,26 +288,31 @@ def main(args: Any) -> None:
 
 
 def heldout_texts(path: str | None, max_chars: int) -> list[str]:
-    """The user's text file, or held-out Aozora Bunko works from shared/ (the second sample file)."""
+    """The user's text file, or the Aozora Bunko works in shared/ that kataru's recipe holds out.
+
+    kataru-tiny-ja never trained on them: `kataru data clean --val-fraction 0.02` puts a work in the
+    validation split by a hash of its id, and the same rule picks them here (cleaned the same way).
+    """
     if path:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise KataruError(f"cannot read {path} as UTF-8 text ({err})") from None
         return [text[:max_chars]]
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "aozora" / "aozora-sample-2.jsonl.gz"
-    if not shared.is_file():
-        raise KataruError("no text for --quality: give --text FILE (held-out Japanese text)")
-    import gzip
+    from kataru.train.data import RECIPE_VAL_FRACTION, clean_aozora, is_validation, read_documents
 
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "aozora"
+    files = sorted(folder.glob("aozora-sample*.jsonl.gz")) if folder.is_dir() else []
+    if not files:
+        raise KataruError("no text for --quality: give --text FILE (held-out Japanese text)")
     texts, total = [], 0
-    with gzip.open(shared, "rt", encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            texts.append(text[: max_chars - total])
-            total += len(texts[-1])
-            if total >= max_chars:
-                break
+    for doc in read_documents(files):
+        if not is_validation(doc.id, RECIPE_VAL_FRACTION):
+            continue
+        texts.append(clean_aozora(doc.text)[: max_chars - total])
+        total += len(texts[-1])
+        if total >= max_chars:
+            break
     return texts
 
 

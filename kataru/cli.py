@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--dtype", default="bfloat16", help="dtype of activations and unquantized weights")
 
     bench = sub.add_parser("bench", help="prefill/decode speed vs the memory roofline (and transformers)")
-    bench.add_argument("target", help="a seed shape (llm-jp-3.1-1.8b, rinna-3.6b, jslm-3b-4e1t, gamma-7b, alpha-7b, "
-                                      "tiny) or a model folder")
+    bench.add_argument("target", nargs="?", default=str(DEFAULT_MODEL),
+                       help="a seed shape (llm-jp-3.1-1.8b, rinna-3.6b, jslm-3b-4e1t, gamma-7b, alpha-7b, tiny) "
+                            "or a model folder (default: the embedded kataru-tiny-ja)")
     bench.add_argument("--dtype", default="bfloat16")
     bench.add_argument("--layers", type=int, help="fewer layers than the real shape (quick runs)")
     bench.add_argument("--compare", choices=["transformers"], help="run transformers on the same weights too")

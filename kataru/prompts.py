@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kataru.errors import KataruError
@@ -77,6 +78,7 @@ class ChatTemplate(PromptStyle):
             raise KataruError(f"the chat template refused the conversation: {err}") from None
 
 
+@lru_cache(maxsize=16)
 def compile_template(source: str):  # type: ignore[no-untyped-def]
     """A Jinja template in the sandbox and with the globals transformers gives chat templates."""
     import jinja2

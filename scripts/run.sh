@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run kataru on a local checkpoint folder:
-#   scripts/run.sh ./llm-jp-3.1-1.8b-instruct4 "自然言語処理とは何か"
+# Set up a fresh machine and run kataru:
+#   scripts/run.sh                                   # the embedded kataru-tiny-ja, "日本の首都はどこですか"
+#   scripts/run.sh "自然言語処理とは何か"             # the embedded model, your prompt
+#   scripts/run.sh ./llm-jp-3.1-1.8b-instruct4 "自然言語処理とは何か" [kataru generate options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-if [ $# -lt 1 ]; then
-  echo "usage: scripts/run.sh MODEL_FOLDER [PROMPT] [kataru generate options]" >&2
-  exit 2
+model=()
+if [ $# -ge 1 ] && [ -d "$1" ]; then
+  model=("$1"); shift
 fi
-model=$1; shift
-prompt=${1:-自然言語処理とは何か}; shift || true
-.venv/bin/kataru info "$model"
-exec .venv/bin/kataru generate "$model" "$prompt" "$@"
+prompt=${1:-日本の首都はどこですか}; shift || true
+.venv/bin/kataru info "${model[@]}"
+exec .venv/bin/kataru generate "${model[@]}" "$prompt" "$@"

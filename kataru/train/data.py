@@ -32,6 +32,7 @@ from kataru.errors import KataruError
 LEGEND = "【テキスト中に現れる記号について】"
 COLOPHON = re.compile(r"^\s*底本[：:]", re.MULTILINE)
 DASHES = re.compile(r"^-{20,}\s*$", re.MULTILINE)
+RECIPE_VAL_FRACTION = 0.02  # the held-out share of scripts/train-kataru-tiny-ja.sh (and bench --quality)
 
 
 @dataclass
