@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -300,6 +300,23 @@ class WeightFiles:
                               f"config.json implies {target.shape[0]}; the weights do not match config.json")
 
 
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Build modules without running their weight initialisers (every tensor is overwritten anyway).
+
+    On the meta device torch 2.13's initialisers import torch._dynamo: over a second of start-up for nothing.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  progress: bool | None = None, state_dict: dict[str, Tensor] | None = None) -> Transformer:
     """Build the model on the meta device, then fill it tensor by tensor from the files.
@@ -307,7 +324,7 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
     With state_dict (tensors under the published names, e.g. a transformers model's), read from it instead.
     """
     plan = weight_plan(config)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = Transformer(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}

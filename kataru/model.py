@@ -104,19 +104,22 @@ class Rotary(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.rotary_dim
-        positions = torch.arange(config.max_seq_len, dtype=torch.float32)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        # Built on the CPU, then moved to the default device (meta, CUDA): arange on meta imports torch._dynamo,
+        # over a second of start-up.
+        positions = torch.arange(config.max_seq_len, dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
         freqs = torch.outer(positions, inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
         if config.xpos_scale_base is None:
             cos_k, sin_k = cos, sin
         else:
-            scale = (torch.arange(0, d, 2, dtype=torch.float32) + 0.4 * d) / (1.4 * d)
+            scale = (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") + 0.4 * d) / (1.4 * d)
             power = (positions - config.max_seq_len // 2) / config.xpos_scale_base
             scale = scale ** power.unsqueeze(-1)
             cos, sin, cos_k, sin_k = cos * scale, sin * scale, cos / scale, sin / scale
         tables = [torch.cat((t, t), dim=-1) for t in (cos, sin, cos_k, sin_k)]
-        self.register_buffer("tables", torch.stack(tables), persistent=False)  # [4, positions, d]
+        tables = torch.stack(tables).to(torch.get_default_device())  # [4, positions, d]
+        self.register_buffer("tables", tables, persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
         """[4, B, 1, T, d] tables (cos_q, sin_q, cos_k, sin_k) for positions [B, T]."""
