@@ -118,3 +118,18 @@ def test_truncated_token_file_is_refused(prepared: dict[str, Path], tmp_path: Pa
     (copy / "train.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(KataruError, match="truncated"):
         load_tokens(copy, "train")
+
+
+@pytest.mark.skipif(not (SHARED / "aozora").is_dir(), reason="../shared/data/aozora is absent (a fresh clone)")
+def test_no_real_work_keeps_its_colophon(tmp_path: Path) -> None:
+    """Every work of the shared sample, with notation or plain, loses the 底本/青空文庫 colophon and CR LF."""
+    paths = sorted(str(p) for p in (SHARED / "aozora").glob("aozora-sample*.jsonl.gz"))
+    clean_corpus(paths, tmp_path, val_fraction=0.02, progress=False)
+    kept = []
+    for split in ("train", "val"):
+        for line in (tmp_path / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            text = json.loads(line)["text"]
+            assert "\r" not in text
+            if "インターネットの図書館" in text or "\n底本：" in text:
+                kept.append(json.loads(line)["id"])
+    assert kept == []

@@ -30,7 +30,12 @@ import numpy as np
 from kataru.errors import KataruError
 
 LEGEND = "【テキスト中に現れる記号について】"
-COLOPHON = re.compile(r"^\s*底本[：:]", re.MULTILINE)
+# The colophon ends with the 青空文庫 credit line and opens, within a few thousand characters before it, with
+# 底本： or one of its variants (翻訳の底本：, 底本・初出：, 底本「, 定本：, 翻訳の原作：, 入力者注, ［＃本文終わり］).
+CREDIT = re.compile(r"^.*青空文庫(?:作成|収録)ファイル|^このファイルは.*青空文庫", re.MULTILINE)
+COLOPHON_OPENING = re.compile(
+    r"^[ \t　]*(?:(?:翻訳の)?(?:底本|定本|原作)(?:・初出|の親本)?[：:「]|入力者注|［＃本文終わり］)", re.MULTILINE)
+COLOPHON = re.compile(r"^[ \t　]*(?:翻訳の)?底本[：:]", re.MULTILINE)  # without a credit line: strictly 底本：
 DASHES = re.compile(r"^-{20,}\s*$", re.MULTILINE)
 RECIPE_VAL_FRACTION = 0.02  # the held-out share of scripts/train-kataru-tiny-ja.sh (and bench --quality)
 
@@ -108,8 +113,27 @@ class _HtmlText(HTMLParser):
             self.parts.append(data.replace("\n", ""))
 
 
+def normalize_newlines(text: str) -> str:
+    """CR LF (most Aozora files) and bare CR (a few old ones) become LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def is_aozora(text: str) -> bool:
-    return LEGEND in text or "［＃" in text or bool(re.search(r"《[^》\n]{1,30}》", text))
+    """Aozora notation, or a plain work (no ruby, no notes) that still carries the Aozora colophon."""
+    return (LEGEND in text or "［＃" in text or bool(re.search(r"《[^》\n]{1,30}》", text))
+            or CREDIT.search(text) is not None)
+
+
+def colophon_start(text: str) -> int | None:
+    """Where the colophon (底本… through the 青空文庫 credit) begins, or None."""
+    credits = list(CREDIT.finditer(text))
+    if credits:
+        end = credits[-1].start()
+        begin = max(0, end - 4000)
+        opening = COLOPHON_OPENING.search(text, begin, end)
+        return opening.start() if opening else end
+    strict = COLOPHON.search(text)
+    return strict.start() if strict else None
 
 
 def clean_aozora(text: str) -> str:
@@ -118,10 +142,10 @@ def clean_aozora(text: str) -> str:
         import aozora
     except ImportError:
         raise KataruError("cleaning Aozora Bunko text needs the aozora parser: pip install 'kataru[train]'") from None
-    text = text.replace("\r\n", "\n")
-    colophon = COLOPHON.search(text)
-    if colophon:
-        text = text[:colophon.start()]
+    text = normalize_newlines(text)
+    colophon = colophon_start(text)
+    if colophon is not None:
+        text = text[:colophon]
     if LEGEND in text:  # title lines, then the legend fenced by two dashed lines
         fences = list(DASHES.finditer(text))
         if len(fences) >= 2:
@@ -176,8 +200,9 @@ def clean_corpus(paths: list[str], out: Path, val_fraction: float = 0.01, min_ch
     try:
         for doc in tqdm(read_documents(paths, field), desc="clean", unit="doc", disable=None if progress else True):
             stats.documents += 1
-            aozora_doc = aozora == "always" or (aozora == "auto" and is_aozora(doc.text))
-            text = clean_aozora(doc.text) if aozora_doc else doc.text.strip()
+            text = normalize_newlines(doc.text)
+            aozora_doc = aozora == "always" or (aozora == "auto" and is_aozora(text))
+            text = clean_aozora(text) if aozora_doc else text.strip()
             if len(text) < min_chars:
                 stats.too_short += 1
                 continue
