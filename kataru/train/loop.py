@@ -10,11 +10,16 @@ evaluate, and how to save its weights. The loop owns everything else:
   written to a temporary folder that is renamed into place, then `latest` is replaced atomically, so an
   interrupted write never leaves a corrupt latest checkpoint;
 - under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU) with no
-  change for the user; rank 0 logs, evaluates and saves.
+  change for the user; rank 0 logs, evaluates and saves. With `--fsdp` it is sharded instead with
+  torch's FSDP2 (`fully_shard` per block, then the whole model): each rank keeps a slice of the weights,
+  gradients and optimizer state. Checkpoints are then gathered into the same full files (so a run may
+  resume with or without --fsdp, on any number of processes), and every rank evaluates, since a
+  sharded forward needs all of them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -54,6 +59,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     device: str = "auto"
+    fsdp: bool = False  # shard weights, gradients and optimizer state across processes (FSDP2)
 
     def check(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep"):
@@ -140,20 +146,31 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.device)
         self.model = model.to(self.device)
         self.model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise KataruError("nothing to train: every parameter is frozen")
+        self.fsdp = cfg.fsdp and self.dist.world > 1
+        # What tasks save from and load into: the model itself, or under FSDP an unsharded copy on rank 0
+        # that checkpoints are gathered into.
+        self.plain: nn.Module | None = model
+        self.wrapped: nn.Module = model
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            self.plain = copy.deepcopy(model) if self.dist.main else None
+            for block in getattr(model, "layers", []):
+                fully_shard(block)
+            fully_shard(model)
+        elif self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids)
+        params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-        self.wrapped: nn.Module = model
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(model, device_ids=ids)
         self.forward_model: nn.Module = self.wrapped
         if cfg.compile:
             self.forward_model = torch.compile(self.wrapped)
@@ -184,15 +201,29 @@ class Trainer:
             raise KataruError(f"{pointer} names {folder.name}, which is incomplete; delete the pointer to start over")
         return folder
 
+    def _full_state(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name, whole tensors (gathered from every rank under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save(self) -> Path | None:
+        optimizer = self._full_state()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.plain is not None:
+                self.plain.load_state_dict(weights)
         if self.dist.main:
+            assert self.plain is not None
             name = f"step-{self.step:06d}"
             final, tmp = self.checkpoints / name, self.checkpoints / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.task.save(self.model, tmp)
-            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                       tmp / "optimizer.pt")
+            self.task.save(self.plain, tmp)
+            torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
             state = {"step": self.step, "history": self.history, "meta": self.meta, "config": asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, ensure_ascii=False) + "\n")
             shutil.rmtree(final, ignore_errors=True)
@@ -214,9 +245,28 @@ class Trainer:
         if state.get("meta", {}).get("model") != self.meta.get("model"):
             raise KataruError(f"checkpoint {folder} was trained with another model config; "
                               "resume with the same settings or start a new --out folder")
-        self.task.load(self.model, folder)
-        saved = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.fsdp:
+            # Rank 0 reads the files into its unsharded copy; FSDP scatters the slices to every rank.
+            full = {}
+            if self.plain is not None:
+                self.task.load(self.plain, folder)
+                full = self.plain.state_dict()
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(self.model, full, options=options)
+        else:
+            self.task.load(self.model, folder)
+            options = StateDictOptions(full_state_dict=True)
+        if all(isinstance(k, int) for k in saved["optimizer"].get("state", {})) and not self.fsdp:
+            self.optimizer.load_state_dict(saved["optimizer"])  # written by kataru before 0.1's FSDP (by index)
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
         torch.set_rng_state(saved["torch_rng"].cpu())
         self.step, self.history = int(state["step"]), list(state["history"])
 
@@ -245,7 +295,11 @@ class Trainer:
             batch = self.task.batch(indices, self.device)
             tokens += int(batch["tokens"].item()) if "tokens" in batch else 0
             last = micro == cfg.grad_accum - 1
-            sync = nullcontext() if last or self.dist.world == 1 else self.wrapped.no_sync()  # type: ignore[operator]
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                sync = nullcontext()
+            else:
+                sync = nullcontext() if last or self.dist.world == 1 else self.wrapped.no_sync()  # type: ignore[operator]
             with sync:
                 with self.autocast():
                     loss, metrics = self.task.loss(self.forward_model, batch)
@@ -254,7 +308,8 @@ class Trainer:
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -273,11 +328,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         result: dict[str, float] = {}
-        if self.dist.main:
+        if self.dist.main or self.fsdp:
             self.model.eval()
             with torch.no_grad(), self.autocast():
                 result = self.task.evaluate(self.model, self.device)
             self.model.train()
+            if self.fsdp:  # a forward without backward leaves the root's weights gathered
+                self.model.reshard()  # type: ignore[operator]
         if self.dist.world > 1:
             dist.barrier()
         return result
