@@ -133,10 +133,11 @@ def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int) -> tuple[float, float]:
+def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int,
+                decode: Any = None) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens per row) on the continuous-batching engine."""
     vocab = model.config.vocab_size
-    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens)
+    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens, decode=decode)
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     for _ in range(batch):
         engine.submit(torch.randint(3, vocab, (prompt_len,)).tolist(), params)
@@ -162,7 +163,7 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
 
 def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
               prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
-              quantize: list[str] | None = None) -> dict[str, Any]:
+              quantize: list[str] | None = None, compile: bool = False) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     bandwidth = memory_bandwidth_gbs()  # first, so its buffer is gone before the model counts towards peak RSS
@@ -188,15 +189,21 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         step_bytes = weight_bytes
     roofline = bandwidth * 1e9 / step_bytes
 
-    def measure(name: str, m: Transformer) -> Result:
-        time_kataru(m, 16, 4, 1)  # warm up allocators and kernels
-        prefill, _ = time_kataru(m, prompt_len, 1, 1)
-        _, decode1 = time_kataru(m, 16, new_tokens, 1)
-        _, decode8 = time_kataru(m, 16, new_tokens, 8)
+    def measure(name: str, m: Transformer, decode: Any = None) -> Result:
+        time_kataru(m, 16, 4, 1, decode)  # warm up allocators and kernels (and compile, batch 1 and 8)
+        if decode is not None:
+            time_kataru(m, 16, 4, 8, decode)
+        prefill, _ = time_kataru(m, prompt_len, 1, 1, decode)
+        _, decode1 = time_kataru(m, 16, new_tokens, 1, decode)
+        _, decode8 = time_kataru(m, 16, new_tokens, 8, decode)
         return Result(name, prompt_len / prefill, prefill, new_tokens / decode1, 8 * new_tokens / decode8,
                       (new_tokens / decode1) / roofline)
 
     results = [measure("kataru", model)]
+    if compile:
+        from kataru.engine import compiled_decode
+
+        results.append(measure("kataru compiled", model, compiled_decode(model)))
     from kataru.quantize import quantize as quantize_model
 
     for method in quantize or []:
@@ -281,7 +288,7 @@ def main(args: Any) -> None:
         return
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
                        prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                       quantize=methods)
+                       quantize=methods, compile=args.compile)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)

@@ -22,6 +22,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first step; eager fallback if unavailable)")
 
 
 def _add_prompting(p: argparse.ArgumentParser) -> None:
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--threads", type=int)
+    bench.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
     bench.add_argument("--quality", action="store_true",
                        help="perplexity on held-out text for the dtype and each --quantize method (a folder)")
@@ -112,7 +115,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                 prompt_style=getattr(args, "prompt_style", None),
-                quantize=args.quantize)
+                quantize=args.quantize, compile=getattr(args, "compile", False))
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -6,14 +6,19 @@ request is prefilled alone into a free row, then decodes with the others. Memory
 tokens: a request reserves its prompt plus max_new_tokens (capped at the context) and waits while the
 budget or the rows are taken; one that could never fit is refused at submission. Cancelling frees the
 row and the reservation at once. Greedy results equal running each request alone.
+
+With compile=True the one-token decode step runs through `torch.compile` (dynamic batch and key
+length, so it compiles once, not per length); when the compiler is unavailable or fails, the engine
+says so once on stderr and keeps decoding eagerly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,8 +53,12 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
-                 max_cache_tokens: int | None = None, row_len: int | None = None) -> None:
-        """row_len: cache slots per row (default the model's context); a request must fit in one row."""
+                 max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
+                 decode: Callable[..., torch.Tensor] | None = None) -> None:
+        """row_len: cache slots per row (default the model's context); a request must fit in one row.
+
+        decode: the one-token step to use (e.g. a `compiled_decode(model)` kept across engines).
+        """
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -63,6 +72,7 @@ class Engine:
         self.reserved = 0
         self.ids = itertools.count(1)
         self._loop_task: asyncio.Task | None = None
+        self.decode_fn: Callable[..., torch.Tensor] = decode or (compiled_decode(model) if compile else model)
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -122,9 +132,10 @@ class Engine:
             return []
         device = self.model.tok_embeddings.weight.device
         tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=device)
-        slots = torch.tensor([r.length for r in batch], device=device)
+        lengths = [r.length for r in batch]
+        slots = torch.tensor(lengths, device=device)
         rows = torch.tensor([r.row for r in batch], device=device)
-        logits = self.model(tokens, start=slots, rows=rows)
+        logits = self.decode_fn(tokens, start=slots, rows=rows, span=max(lengths) + 1)
         return [self._accept(r, logits[i, -1]) for i, r in enumerate(batch)]
 
     def _accept(self, request: Request, logits: torch.Tensor) -> Step:
@@ -182,3 +193,28 @@ class Engine:
         while self.has_work():
             self.step()
             await asyncio.sleep(0)
+
+
+def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
+    """model's forward for one-token steps through torch.compile, falling back to eager on any failure."""
+    try:
+        compiled = torch.compile(model, dynamic=True)
+    except Exception as err:  # torch built without dynamo, unsupported Python, ...
+        print(f"kataru: torch.compile is unavailable ({type(err).__name__}: {str(err)[:120]}); decoding eagerly",
+              file=sys.stderr)
+        return model
+    state = {"fn": compiled}
+
+    def decode(*args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as err:
+            if state["fn"] is model:
+                raise
+            message = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            print(f"kataru: torch.compile failed ({type(err).__name__}: {message}); decoding eagerly",
+                  file=sys.stderr)
+            state["fn"] = model
+            return model(*args, **kwargs)
+
+    return decode

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kataru.checkpoint import load_weights, resolve_dtype
 from kataru.config import ModelConfig, read_config_file
-from kataru.engine import Engine
+from kataru.engine import Engine, compiled_decode
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, Step, decode_steps, find_stop, held_back
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
@@ -49,7 +49,7 @@ class Completion:
 
 class LLM:
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-                 progress: bool | None = None, quantize: str | None = None) -> None:
+                 progress: bool | None = None, quantize: str | None = None, compile: bool = False) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             if folder == DEFAULT_MODEL:
@@ -69,6 +69,7 @@ class LLM:
             if quantize:
                 quantize_model(self.model, quantize)
         self.quantization: str | None = getattr(self.model, "quantization", None)
+        self.decode = compiled_decode(self.model) if compile else self.model
         self.prompt_style: PromptStyle = (get_style(prompt_style) if prompt_style
                                           else detect_style(self.config.family, self.tokenizer))
         generation_config = self._generation_config()
@@ -174,7 +175,7 @@ class LLM:
         generated: list[list[int]] = [[] for _ in prompts]
         finished: set[int] = set()
         if use_cache:
-            engine = Engine(self.model, self.eos_ids, max_batch=len(prompts),
+            engine = Engine(self.model, self.eos_ids, max_batch=len(prompts), decode=self.decode,
                             row_len=max(min(len(p) + params.max_new_tokens, self.config.max_seq_len) for p in prompts))
             requests = [engine.submit(p, params) for p in prompts]
             row_of = {r.id: i for i, r in enumerate(requests)}
@@ -242,11 +243,13 @@ def _engine_steps(engine: Engine) -> Iterator[Step]:
 
 
 def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-         progress: bool | None = None, quantize: str | None = None) -> LLM:
+         progress: bool | None = None, quantize: str | None = None, compile: bool = False) -> LLM:
     """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
+
+    compile: run the one-token decode step through torch.compile (eager fallback when unavailable).
 
     With no folder, the embedded kataru-tiny-ja model that ships inside the package.
     """
     return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
-               progress=progress, quantize=quantize)
+               progress=progress, quantize=quantize, compile=compile)
 

@@ -55,11 +55,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int | Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, start: int | Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
+               span: int | None = None) -> tuple[Tensor, Tensor]:
         """Write the new keys/values and return every filled slot of the rows written.
 
         start int: slots [start, start+T) of rows `rows` (default: the first B rows). start Tensor [B]: one
-        token per row, each at its own slot (continuous batching, where rows hold sequences of any length).
+        token per row, each at its own slot (continuous batching, where rows hold sequences of any length),
+        returning the first `span` slots (max(start) + 1, passed in so that no step waits on the device).
         """
         b, _, t, _ = k.shape
         index = slice(0, b) if rows is None else rows
@@ -67,7 +69,7 @@ class KVCache(nn.Module):
             row_ids = torch.arange(b, device=k.device) if rows is None else rows
             self.k[row_ids, :, start] = k[:, :, 0]
             self.v[row_ids, :, start] = v[:, :, 0]
-            end = int(start.max()) + 1
+            end = span if span is not None else int(start.max()) + 1
         else:
             end = start + t
             self.k[index, :, start:end] = k
@@ -148,7 +150,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None, span: int | None = None) -> Tensor:
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -160,7 +162,7 @@ class Attention(nn.Module):
             k = apply_rotary(k, rope[2], rope[3])
         if start is not None:
             assert self.kv_cache is not None, "call setup_caches() before decoding with a cache"
-            k, v = self.kv_cache.update(start, k, v, rows)
+            k, v = self.kv_cache.update(start, k, v, rows, span)
         gqa = c.n_kv_head != c.n_head
         if mask is None:  # a fresh causal sequence, or one-token decode over all filled slots
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
@@ -195,8 +197,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
-        h = self.attention(self.attention_norm(x), rope, mask, start, rows)
+                rows: Tensor | None = None, span: int | None = None) -> Tensor:
+        h = self.attention(self.attention_norm(x), rope, mask, start, rows, span)
         if self.parallel:
             return x + h + self.feed_forward(self.ffn_norm(x))
         x = x + h
@@ -233,17 +235,20 @@ class Transformer(nn.Module):
         self.cache_rows = self.cache_len = 0
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, start: int | Tensor | None = None,
-                key_mask: Tensor | None = None, last_only: bool = False, rows: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, last_only: bool = False, rows: Tensor | None = None,
+                span: int | None = None) -> Tensor:
         """Logits for tokens [B, T], written at KV-cache slots [start, start+T) (start=None: no cache).
 
         positions [B, T] are the rotary positions (they differ from slots for left-padded rows);
         key_mask [B, start+T] marks the slots holding real tokens (None: all of them); rows picks the
-        cache rows (default the first B). A tensor start [B] decodes one token per row at its own slot.
+        cache rows (default the first B). A tensor start [B] decodes one token per row at its own slot;
+        span = max(start) + 1 when the caller knows it (saves a device sync).
         """
         b, t = tokens.shape
         if isinstance(start, Tensor):
             positions = start.unsqueeze(1) if positions is None else positions
-            mask = self.row_mask(start)
+            span = span if span is not None else int(start.max()) + 1
+            mask = self.row_mask(start, span)
         else:
             first = start or 0
             if positions is None:
@@ -252,14 +257,14 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, mask, start, rows)
+            x = layer(x, rope, mask, start, rows, span)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
 
-    def row_mask(self, slots: Tensor) -> Tensor:
-        """[B, 1, 1, max+1]: each row's query at slots[b] sees its own filled slots (and the window)."""
-        keys = torch.arange(int(slots.max()) + 1, device=slots.device)
+    def row_mask(self, slots: Tensor, span: int) -> Tensor:
+        """[B, 1, 1, span]: each row's query at slots[b] sees its own filled slots (and the window)."""
+        keys = torch.arange(span, device=slots.device)
         mask = keys.unsqueeze(0) <= slots.unsqueeze(1)
         if self.config.sliding_window is not None:
             mask = mask & (slots.unsqueeze(1) - keys.unsqueeze(0) < self.config.sliding_window)

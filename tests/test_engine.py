@@ -99,3 +99,39 @@ def test_async_stream(checkpoints: dict) -> None:
         return list(await asyncio.gather(*(collect(p) for p in ps)))
 
     assert asyncio.run(main()) == [alone(llm, p, params) for p in ps]
+
+
+def test_compiled_decode_step_matches_eager(checkpoints: dict) -> None:
+    """torch.compile'd one-token steps (dynamic batch and key length) give the eager engine's tokens."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32", compile=True)
+    params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (10, 6, 9)]
+    ps = prompts(llm.config.vocab_size, [4, 13, 8])
+    expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3, decode=llm.decode)
+    first = engine.submit(ps[0], params[0])
+    engine.step()
+    engine.step()
+    rest = [engine.submit(p, q) for p, q in zip(ps[1:], params[1:], strict=True)]
+    engine.run()
+    assert [r.tokens for r in [first, *rest]] == expected
+    assert llm.decode is not llm.model
+
+
+def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+
+    def broken_compiler(model: torch.nn.Module, **kwargs: object):  # type: ignore[no-untyped-def]
+        def run(*args: object, **kw: object) -> torch.Tensor:
+            raise RuntimeError("InductorError: no working C++ compiler found\nlong trace")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compiler)
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    (prompt,) = prompts(llm.config.vocab_size, [6])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1, compile=True)
+    request = engine.submit(prompt, params)
+    engine.run()
+    assert request.tokens == alone(llm, prompt, params)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "decoding eagerly" in err and "long trace" not in err
