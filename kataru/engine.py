@@ -7,6 +7,10 @@ tokens: a request reserves its prompt plus max_new_tokens (capped at the context
 budget or the rows are taken; one that could never fit is refused at submission. Cancelling frees the
 row and the reservation at once. Greedy results equal running each request alone.
 
+Prefix reuse: a free row keeps the keys and values of the request that last used it, so a new request
+whose prompt starts with those tokens (the next turn of a chat, a shared system prompt) takes that row
+and prefills only the rest.
+
 With compile=True the one-token decode step runs through `torch.compile` (dynamic batch and key
 length, so it compiles once, not per length); when the compiler is unavailable or fails, the engine
 says so once on stderr and keeps decoding eagerly.
@@ -54,7 +58,7 @@ class Request:
 class Engine:
     def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
                  max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
-                 decode: Callable[..., torch.Tensor] | None = None) -> None:
+                 decode: Callable[..., torch.Tensor] | None = None, prefix_reuse: bool = True) -> None:
         """row_len: cache slots per row (default the model's context); a request must fit in one row.
 
         decode: the one-token step to use (e.g. a `compiled_decode(model)` kept across engines).
@@ -64,15 +68,29 @@ class Engine:
         self.max_batch = max_batch
         self.context = model.config.max_seq_len
         self.row_len = min(row_len or self.context, self.context)
+        self.max_cache_tokens = max_cache_tokens
         self.budget = max_cache_tokens or max_batch * self.row_len
         model.setup_caches(max_batch, self.row_len)
         self.free_rows = list(range(max_batch))
+        self.prefix_reuse = prefix_reuse
+        self.cached: dict[int, list[int]] = {}  # free row -> the tokens whose keys/values it still holds
+        self.reused_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.reserved = 0
         self.ids = itertools.count(1)
         self._loop_task: asyncio.Task | None = None
         self.decode_fn: Callable[..., torch.Tensor] = decode or (compiled_decode(model) if compile else model)
+
+    def grow(self, max_batch: int, row_len: int) -> None:
+        """More rows or longer ones, keeping the prefixes free rows hold (an idle engine only)."""
+        if self.has_work():
+            raise KataruError("an engine can only grow while no request is running or waiting")
+        max_batch, row_len = max(max_batch, self.max_batch), min(max(row_len, self.row_len), self.context)
+        self.model.setup_caches(max_batch, row_len, keep=True)
+        self.free_rows = sorted(set(self.free_rows) | set(range(self.max_batch, max_batch)))
+        self.max_batch, self.row_len = max_batch, row_len
+        self.budget = self.max_cache_tokens or max_batch * row_len
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -115,15 +133,38 @@ class Engine:
             events += self._decode([r for r in running_before if not r.done])
         return events
 
+    def _pick_row(self, prompt: list[int]) -> tuple[int, int]:
+        """(free row, tokens of the prompt already in it): the longest cached prefix, else an empty row."""
+        if getattr(self.model, "cache_owner", None) is not self:  # someone else wrote the cache since
+            self.cached.clear()
+            self.model.cache_owner = self
+        best, reuse = None, 0
+        if self.prefix_reuse:
+            for row in self.free_rows:
+                held = self.cached.get(row, [])
+                n = 0
+                limit = min(len(held), len(prompt) - 1)  # at least one prompt token is prefilled, for its logits
+                while n < limit and held[n] == prompt[n]:
+                    n += 1
+                if n > reuse:
+                    best, reuse = row, n
+        if best is None:
+            empty = [r for r in self.free_rows if r not in self.cached]
+            best = empty[0] if empty else self.free_rows[0]
+        self.free_rows.remove(best)
+        self.cached.pop(best, None)
+        return best, reuse
+
     def _prefill(self, request: Request) -> Step:
-        request.row = self.free_rows.pop(0)
+        request.row, reuse = self._pick_row(request.prompt)
+        self.reused_tokens += reuse
         self.reserved += request.reserved
         device = self.model.tok_embeddings.weight.device
         vocab = self.model.config.vocab_size
         request.seen = seen_tokens(request.prompt, vocab, device)
         request.generator = sampling_generator(request.params, device)
-        tokens = torch.tensor([request.prompt], device=device)
-        logits = self.model(tokens, start=0, rows=torch.tensor([request.row], device=device), last_only=True)
+        tokens = torch.tensor([request.prompt[reuse:]], device=device)
+        logits = self.model(tokens, start=reuse, rows=torch.tensor([request.row], device=device), last_only=True)
         self.running.append(request)
         return self._accept(request, logits[0, -1])
 
@@ -162,6 +203,7 @@ class Engine:
             self.reserved -= request.reserved
             assert request.row is not None
             self.free_rows.append(request.row)
+            self.cached[request.row] = (request.prompt + request.tokens)[:request.length]
             self.free_rows.sort()
         if request.queue is not None:
             request.queue.put_nowait(None)

@@ -171,6 +171,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: list[Samp
 
     if use_cache:
         model.setup_caches(b, total)
+        model.cache_owner = None  # an Engine must not trust what its rows held before
         logits = model(tokens[:, :width], positions[:, :width], start=0, key_mask=key_mask, last_only=True)
     else:
         logits = model(tokens[:, :width], positions[:, :width], key_mask=key_mask, last_only=True)

@@ -165,6 +165,19 @@ class LLM:
             if piece:
                 yield piece
 
+    def _engine(self, batch: int, row_len: int) -> Engine:
+        """The engine of the last call, grown if needed: its rows keep their prefixes, so the next chat turn
+        prefills only the new tokens. Rows grow in steps of 256 slots to avoid a copy per turn."""
+        row_len = min(-(-row_len // 256) * 256, self.config.max_seq_len)
+        engine = getattr(self, "_last_engine", None)
+        if engine is not None and engine.model.cache_owner in (engine, None) and not engine.has_work():
+            if engine.max_batch < batch or engine.row_len < row_len:
+                engine.grow(batch, row_len)
+            engine.eos_ids, engine.decode_fn = self.eos_ids, self.decode  # both may have been changed since
+            return engine
+        self._last_engine = Engine(self.model, self.eos_ids, max_batch=batch, decode=self.decode, row_len=row_len)
+        return self._last_engine
+
     def _events(self, prompts: list[list[int]], params: SamplingParams,
                 use_cache: bool) -> Iterator[tuple[int, str, Completion | None]]:
         """(row, new text, completion when the row ends) for every step of every row."""
@@ -175,8 +188,8 @@ class LLM:
         generated: list[list[int]] = [[] for _ in prompts]
         finished: set[int] = set()
         if use_cache:
-            engine = Engine(self.model, self.eos_ids, max_batch=len(prompts), decode=self.decode,
-                            row_len=max(min(len(p) + params.max_new_tokens, self.config.max_seq_len) for p in prompts))
+            engine = self._engine(len(prompts), max(min(len(p) + params.max_new_tokens, self.config.max_seq_len)
+                                                    for p in prompts))
             requests = [engine.submit(p, params) for p in prompts]
             row_of = {r.id: i for i, r in enumerate(requests)}
             steps: Iterator[Step] = (replace(s, row=row_of[s.row]) for s in _engine_steps(engine))

@@ -218,21 +218,38 @@ class Transformer(nn.Module):
         self.rotary = Rotary(config)
         self.cache_rows = 0
         self.cache_len = 0
+        self.cache_owner: object = None  # the Engine whose rows the cache holds (see Engine._pick_row)
 
-    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
-        """Preallocate the KV cache (reused when the request fits what is already there)."""
+    def setup_caches(self, max_batch: int, max_seq_len: int, keep: bool = False) -> None:
+        """Preallocate the KV cache (reused when the request fits what is already there).
+
+        keep: when it must grow, copy what the old rows held into the new cache (an engine's cached prefixes).
+        """
         if max_batch <= self.cache_rows and max_seq_len <= self.cache_len:
             return
         c = self.config
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        rows, length = max(max_batch, self.cache_rows), max(max_seq_len, self.cache_len)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, max_seq_len, c.n_kv_head, c.head_dim, dtype, device)
-        self.cache_rows, self.cache_len = max_batch, max_seq_len
+            old = layer.attention.kv_cache
+            layer.attention.kv_cache = None  # free before allocating when nothing is kept
+            new = KVCache(rows if keep else max_batch, length if keep else max_seq_len, c.n_kv_head, c.head_dim,
+                          dtype, device)
+            if keep and old is not None:
+                new.k[:old.k.shape[0], :, :old.k.shape[2]] = old.k
+                new.v[:old.v.shape[0], :, :old.v.shape[2]] = old.v
+            layer.attention.kv_cache = new
+        if keep:
+            self.cache_rows, self.cache_len = rows, length
+        else:
+            self.cache_rows, self.cache_len = max_batch, max_seq_len
+            self.cache_owner = None
 
     def drop_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.cache_rows = self.cache_len = 0
+        self.cache_owner = None
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, start: int | Tensor | None = None,
                 key_mask: Tensor | None = None, last_only: bool = False, rows: Tensor | None = None,

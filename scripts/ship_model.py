@@ -6,9 +6,34 @@ Usage: python scripts/ship_model.py RUN_FOLDER kataru/models/kataru-tiny-ja
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
+
+SAMPLE_PROMPTS = ["日本の首都はどこですか", "富士山について教えてください。"]
+
+
+def stage_minutes(recipe_log: Path) -> dict[str, float]:
+    """Wall-clock minutes per stage from the '== stage (HH:MM:SS)' lines the recipe writes to its log."""
+    if not recipe_log.is_file():
+        return {}
+    marks = [(m[1], datetime.strptime(m[2], "%H:%M:%S"))
+             for m in re.finditer(r"^== (\S+) \((\d\d:\d\d:\d\d)\)", recipe_log.read_text(), re.MULTILINE)]
+    out = {}
+    for (name, start), (_, end) in pairwise(marks):
+        out[name] = ((end - start) % timedelta(days=1)).total_seconds() / 60
+    return out
+
+
+def samples(folder: Path) -> list[dict]:
+    """What the shipped model answers, sampled with the card settings and seed 0 (the README quotes these)."""
+    import kataru
+
+    llm = kataru.load(folder, progress=False)
+    return [{"prompt": p, "seed": 0, "text": llm.generate(p, seed=0)} for p in SAMPLE_PROMPTS]
 
 
 def log(path: Path) -> list[dict]:
@@ -44,7 +69,9 @@ def main(run: Path, target: Path) -> None:
     summary = {"parameters": ModelConfig.from_hf(config).num_parameters(),
                "data": json.loads((run / "clean" / "stats.json").read_text()),
                "tokens": json.loads((run / "tokens" / "meta.json").read_text())["splits"],
-               "stages": stages}
+               "stage_wall_minutes": stage_minutes(run / "recipe.log"),
+               "stages": stages,
+               "samples": samples(target)}
     (target / "training.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     for name in ("pretrain", "sft", "dpo"):
         if (run / name / "loss.png").is_file():

@@ -135,3 +135,37 @@ def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, m
     assert request.tokens == alone(llm, prompt, params)
     err = capsys.readouterr().err
     assert err.count("torch.compile failed") == 1 and "decoding eagerly" in err and "long trace" not in err
+
+
+def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_result(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    first_prompt, other, extra = prompts(llm.config.vocab_size, [12, 9, 5])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
+    first = engine.submit(first_prompt, params)
+    neighbour = engine.submit(other, params)
+    engine.run()
+    # The next turn: the whole first exchange, then new tokens. Its row holds all but the newest token.
+    follow_up = first_prompt + first.tokens + extra
+    second = engine.submit(follow_up, params)
+    engine.run()
+    assert engine.reused_tokens == len(first_prompt) + len(first.tokens) - 1
+    assert second.row == first.row != neighbour.row
+    assert second.tokens == alone(llm, follow_up, params)
+    # Anyone else writing the cache (here the single-request path) makes the engine forget what rows held.
+    alone(llm, other, params)
+    third = engine.submit(follow_up + second.tokens, params)
+    engine.run()
+    assert engine.reused_tokens == len(first_prompt) + len(first.tokens) - 1  # unchanged: nothing trusted
+    assert third.tokens == alone(llm, follow_up + second.tokens, params)
+
+
+def test_chat_turns_reuse_the_previous_turn(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    history = [{"role": "user", "content": "こんにちは"}]
+    reply = llm.generate(history, temperature=0, max_new_tokens=6, ignore_eos=True, raw=False)
+    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "もう一度"}]
+    cached = llm.complete([history], temperature=0, max_new_tokens=6, ignore_eos=True)[0]
+    assert llm._last_engine.reused_tokens > 0
+    fresh = llm.complete([history], temperature=0, max_new_tokens=6, ignore_eos=True, use_cache=False)[0]
+    assert cached.token_ids == fresh.token_ids
