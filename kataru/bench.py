@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kataru import kernels
 from kataru.checkpoint import load_weights, resolve_dtype
 from kataru.config import ModelConfig
 from kataru.engine import Engine
@@ -203,6 +204,10 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
                       (new_tokens / decode1) / roofline)
 
     results = [measure("kataru", model)]
+    kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
+    if kernel:  # the same engine on torch's bf16 matmul: what the kernel adds, in the same run
+        with kernels.disabled():
+            results.append(measure("kataru torch mm", model))
     if compile:
         from kataru.engine import compiled_decode
 
@@ -226,7 +231,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "torch": torch.__version__, "results": [asdict(r) for r in results],
+        "torch": torch.__version__, "bf16_kernel": kernel, "results": [asdict(r) for r in results],
     }
     if reference is not None:
         k, t = results[0], results[-1]
@@ -240,15 +245,15 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['weight_gb']:.2f} GB, {report['threads']} threads, torch {report['torch']})",
              f"memory bandwidth {report['bandwidth_gbs']:.1f} GB/s -> decode roofline "
              f"{report['roofline_decode_tok_s']:.1f} tok/s; peak RSS {report['peak_rss_gb']:.2f} GB", ""]
-    header = f"{'engine':<14}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
+    header = f"{'engine':<20}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
         roof = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "n/a"
-        lines.append(f"{r['engine']:<14}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_b1_tok_s']:>11.2f}"
+        lines.append(f"{r['engine']:<20}{r['prefill_tok_s']:>14.1f}{r['ttft_s']:>9.3f}{r['decode_b1_tok_s']:>11.2f}"
                      f"{r['decode_b8_tok_s']:>11.2f}{roof:>10}")
     if "ratios" in report:
         ratios = report["ratios"]
-        lines.append(f"{'kataru/transformers':<14}{ratios['prefill']:>9.2f}x{'':>9}{ratios['decode_b1']:>10.2f}x"
+        lines.append(f"{'kataru/transformers':<20}{ratios['prefill']:>13.2f}x{'':>9}{ratios['decode_b1']:>10.2f}x"
                      f"{ratios['decode_b8']:>10.2f}x")
     return "\n".join(lines)
 
@@ -268,9 +273,9 @@ def plot(report: dict[str, Any], path: str) -> None:
         names = [r["engine"] for r in report["results"]]
         colors = ["#7f8c8d" if n == "transformers" else "#c0392b" for n in names]
         ax.bar(names, [r[key] for r in report["results"]], color=colors)
-        ax.tick_params(axis="x", labelrotation=20)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
         if key == "decode_b1_tok_s":
-            ax.axhline(report["roofline_decode_tok_s"], linestyle="--", color="k", label="roofline")
+            ax.axhline(report["roofline_decode_tok_s"], linestyle="--", color="k", label=f"{report['dtype']} roofline")
             ax.legend()
         ax.set_title(title)
     fig.suptitle(f"{report['target']} {report['dtype']}, {report['threads']} threads")

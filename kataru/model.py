@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kataru import kernels
 from kataru.config import ModelConfig
 
 ACTIVATIONS = {
@@ -29,20 +30,30 @@ ACTIVATIONS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs many-row bf16 matmuls in float32 on CPUs without native bf16.
+    """nn.Linear with two CPU paths for bf16 where torch's own bf16 matmul is slow (AVX2, no native bf16).
 
-    On AVX2 machines torch's bf16 GEMM is compute-bound and slow (a 512-token prefill of the
-    llm-jp-3.1-1.8b shape measured 7 tok/s); upcasting the weight once per call and using the fp32
-    GEMM is 6x faster from 64 rows up. One-row decode keeps the bf16 kernel, which is memory-bound.
+    Many rows (prefill): torch's bf16 GEMM is compute-bound (a 512-token prefill of the llm-jp-3.1-1.8b
+    shape measured 7 tok/s); upcasting the weight once per call and using the fp32 GEMM is 6x faster
+    from 64 rows up. Few rows (decode): `kataru.kernels` streams the bf16 weights once for the whole
+    batch, where torch's time grows with every row.
     """
 
     upcast_rows = 32
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() // x.shape[-1] >= self.upcast_rows:
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+            if x.numel() // x.shape[-1] >= self.upcast_rows:
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            if self.use_kernel(x):
+                return kernels.linear_bf16(x, self.weight, self.bias)
         return super().forward(x)
+
+    def use_kernel(self, x: Tensor) -> bool:
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if wants_grad or torch.compiler.is_compiling():
+            return False
+        return self.weight.is_contiguous() and kernels.available()
 
 
 class KVCache(nn.Module):

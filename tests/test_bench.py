@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from kataru import kernels
 from kataru.bench import SHAPES, build_shape, format_table
 from kataru.cli import main
 from kataru.config import ModelConfig
@@ -16,7 +17,10 @@ def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "tiny", "--compare", "transformers", "--prompt-tokens", "64", "--new-tokens", "4",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [r["engine"] for r in report["results"]] == ["kataru", "transformers"]
+    assert report["bf16_kernel"] == (report["dtype"] == "bfloat16" and kernels.available())
+    # with kataru's CPU kernel, the same engine on torch's matmul is measured too
+    torch_mm = ["kataru torch mm"] if report["bf16_kernel"] else []
+    assert [r["engine"] for r in report["results"]] == ["kataru", *torch_mm, "transformers"]
     for r in report["results"]:
         assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b8_tok_s"] > 0
     assert set(report["ratios"]) == {"prefill", "decode_b1", "decode_b8"}
