@@ -45,18 +45,36 @@ def int8_operands(rows: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,n", [(256, 96), (70, 37), (5, 3)])
+@pytest.mark.parametrize("k,n", [(256, 96), (70, 37), (5, 3), (4096 + 24, 40)])  # the last: several int32 flushes
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 17])
-def test_int8_error_is_within_float32_accumulation_and_one_rounding(rows: int, k: int, n: int) -> None:
-    """int8 values are exact in float32, so the same bound as bf16 holds with w = q * scale (the scale is one
-    more float32 product: k + 2 terms)."""
+def test_int8_error_is_within_input_quantization_and_float32_rounding(rows: int, k: int, n: int) -> None:
+    """Each input becomes int16 steps of d = max|x_row| / 32767, off by at most d/2, which moves the sum by at
+    most d/2 * sum|w|. The int32 sums are exact; converting and adding them, the two scalings and the bias
+    are at most k + 3 float32 roundings of sum(|x| + d/2)|w|; the result is rounded to bf16 (2^-8)."""
     x, q, scales, b = int8_operands(rows, k, n)
     w = q.double() * scales.double()[:, None]
     exact = x.double() @ w.t() + b.double()
     got = kernels.linear_int8(x, q, scales, b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    bound = 2**-8 * exact.abs() + (k + 2) * 2**-24 * (x.double().abs() @ w.abs().t() + b.double().abs())
+    half_step = x.double().abs().amax(dim=1, keepdim=True) / 32767 / 2
+    quantization = half_step * w.abs().sum(dim=1)[None, :]
+    rounding = (k + 3) * 2**-24 * ((x.double().abs() + half_step) @ w.abs().t() + b.double().abs())
+    bound = 2**-8 * exact.abs() + quantization + rounding
     assert ((got.double() - exact).abs() <= bound * 1.01).all()
+
+
+@needs_kernel
+def test_int8_sums_do_not_overflow_at_the_extremes() -> None:
+    """Every product at its largest (127 * 32767) over a long row: int32 partial sums must be flushed in time."""
+    k = 16384
+    x = torch.full((2, k), 3.0).bfloat16()
+    x[1] = -3.0
+    q = torch.full((4, k), 127, dtype=torch.int8)
+    q[1] = -127
+    scales = torch.full((4,), 0.01)
+    got = kernels.linear_int8(x, q, scales).double()
+    exact = x.double() @ (q.double() * 0.01).t()
+    assert torch.allclose(got, exact, rtol=2**-8, atol=0)
 
 
 @needs_kernel
