@@ -96,6 +96,13 @@ def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k).float().contiguous()
 
 
+def _output(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """The float32 result with the bias, rounded once to x's dtype and shaped like x."""
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear with a contiguous bf16 CPU weight (float32 accumulation, one rounding to x's dtype).
 
@@ -108,9 +115,7 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     lib.kataru_linear_bf16(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), rows.shape[0], k, n,
                            torch.get_num_threads())
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _output(y, bias, x)
 
 
 def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -128,9 +133,7 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None =
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     lib.kataru_linear_int8(x16.data_ptr(), x_scales.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(),
                            rows.shape[0], k, n, torch.get_num_threads())
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _output(y, bias, x)
 
 
 @contextlib.contextmanager
