@@ -1,8 +1,9 @@
 """One decode matmul, kataru's CPU kernels against torch's, for 1 and 8 rows (the numbers behind the README).
 
-usage: .venv/bin/python scripts/bench_matmul.py [--out 14336] [--in 2048] [--seconds 1.5]
-Defaults: the fused gate+up weight of the llm-jp-3.1-1.8b shape. Several copies of the weight are cycled
-so that every call reads from memory, as a decode step does, not from cache.
+usage: .venv/bin/python scripts/bench_matmul.py [--out 14336] [--in 2048] [--copies N] [--seconds 1.5]
+Defaults: the fused gate+up weight of the llm-jp-3.1-1.8b shape. Several copies of the weight (512 MB in
+all) are cycled so that every call reads from memory, as a decode step does; `--out 2048 --copies 1`
+keeps one small weight in cache instead, which shows what the kernels compute when memory is no limit.
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=int, default=14336)
     parser.add_argument("--in", dest="inp", type=int, default=2048)
+    parser.add_argument("--copies", type=int, default=None, help="default: 512 MB of weights, beyond any cache")
     parser.add_argument("--seconds", type=float, default=1.5)
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("kataru's CPU kernels are unavailable here (no C compiler, no AVX2, or KATARU_KERNELS=0)")
     n, k = args.out, args.inp
-    copies = max(2, int(512e6 // (n * k * 2)))  # well beyond any cache
+    copies = args.copies or max(2, int(512e6 // (n * k * 2)))
     bf16 = [(torch.randn(n, k) * 0.02).bfloat16() for _ in range(copies)]
     int8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
     scales = torch.rand(n).bfloat16() * 0.01
     print(f"{n}x{k} weight, {copies} copies, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'rows':>4} {'kind':>5} {'torch ms':>9} {'kataru ms':>10} {'speed-up':>9} {'kataru GB/s':>12}")
+    print(f"{'rows':>4} {'kind':>5} {'torch ms':>9} {'kataru ms':>10} {'speed-up':>9} {'kataru GB/s':>12} "
+          f"{'Gweights/s':>11}")
     for rows in (1, 8):
         x = torch.randn(rows, k).bfloat16()
         for kind, weights, ours, theirs in (
@@ -54,7 +57,7 @@ def main() -> None:
             t_ours = seconds_per_call(ours, weights, args.seconds)
             gbs = weights[0].numel() * weights[0].element_size() / t_ours / 1e9
             print(f"{rows:>4} {kind:>5} {1e3 * t_torch:>9.2f} {1e3 * t_ours:>10.2f} {t_torch / t_ours:>8.2f}x "
-                  f"{gbs:>12.1f}")
+                  f"{gbs:>12.1f} {n * k / t_ours / 1e9:>11.1f}")
 
 
 if __name__ == "__main__":
