@@ -11,9 +11,9 @@ Prefix reuse: a free row keeps the keys and values of the request that last used
 whose prompt starts with those tokens (the next turn of a chat, a shared system prompt) takes that row
 and prefills only the rest.
 
-With compile=True the one-token decode step runs through `torch.compile` (dynamic batch and key
-length, so it compiles once, not per length); when the compiler is unavailable or fails, the engine
-says so once on stderr and keeps decoding eagerly.
+With compile=True the one-token decode step runs through `torch.compile` (the key length is dynamic,
+so it compiles once for batch 1 and once for larger batches per KV-cache shape, not per length); when
+the compiler is unavailable or fails, the engine says so once on stderr and keeps decoding eagerly.
 """
 
 from __future__ import annotations

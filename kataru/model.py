@@ -51,9 +51,7 @@ class Linear(nn.Linear):
 
     def use_kernel(self, x: Tensor) -> bool:
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if wants_grad or torch.compiler.is_compiling():
-            return False
-        return self.weight.is_contiguous() and kernels.available()
+        return not wants_grad and kernels.applicable(self.weight)
 
 
 class KVCache(nn.Module):
@@ -72,7 +70,8 @@ class KVCache(nn.Module):
 
         start int: slots [start, start+T) of rows `rows` (default: the first B rows). start Tensor [B]: one
         token per row, each at its own slot (continuous batching, where rows hold sequences of any length),
-        returning the first `span` slots (max(start) + 1, passed in so that no step waits on the device).
+        returning the first `span` slots (max(start) + 1, which Transformer.forward passes down so that no
+        layer waits on the device).
         """
         b, _, t, _ = k.shape
         index = slice(0, b) if rows is None else rows
@@ -80,7 +79,8 @@ class KVCache(nn.Module):
             row_ids = torch.arange(b, device=k.device) if rows is None else rows
             self.k[row_ids, :, start] = k[:, :, 0]
             self.v[row_ids, :, start] = v[:, :, 0]
-            end = span if span is not None else int(start.max()) + 1
+            assert span is not None, "a tensor start needs its span"
+            end = span
         else:
             end = start + t
             self.k[index, :, start:end] = k

@@ -56,8 +56,7 @@ class Int8Linear(nn.Module):
             weight = self.weight.float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
-        if (x.device.type == "cpu" and self.weight.is_contiguous() and not torch.compiler.is_compiling()
-                and kernels.available()):
+        if x.device.type == "cpu" and kernels.applicable(self.weight):
             return kernels.linear_int8(x, self.weight, self.scales.float(), self.bias)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, scales)

@@ -92,6 +92,12 @@ def available() -> bool:
     return library() is not None
 
 
+def applicable(weight: Tensor) -> bool:
+    """Whether a CPU weight can go through the kernels now: they run here, the weight is contiguous, and no
+    torch.compile trace is running (the compiler cannot see into a ctypes call)."""
+    return weight.is_contiguous() and not torch.compiler.is_compiling() and available()
+
+
 def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k).float().contiguous()
 
@@ -106,7 +112,7 @@ def _output(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear with a contiguous bf16 CPU weight (float32 accumulation, one rounding to x's dtype).
 
-    The caller checks `available()` and that no gradient is wanted.
+    The caller checks `applicable(weight)` and that no gradient is wanted.
     """
     lib = library()
     assert lib is not None, "linear_bf16 called where the kernels are unavailable"
