@@ -8,8 +8,11 @@ bytes of weights a decode step reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams
-from kataru.model import Transformer
+from kataru.model import Linear, Transformer
 
 # config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -347,6 +350,19 @@ def perplexity(model: Transformer, token_lists: list[list[int]], window: int) ->
     return float(torch.exp(torch.tensor(nll / count)))
 
 
+@contextlib.contextmanager
+def decode_numerics() -> Iterator[None]:
+    """Every row through the decode matmuls, as generation runs them: prefill rows (32 or more) dequantize
+    and run one GEMM, which would measure only the weights' rounding, not the kernels' int8 inputs. The
+    kernels treat each row alone, so a window gives the very logits token-by-token decoding would."""
+    saved = Linear.upcast_rows
+    Linear.upcast_rows = sys.maxsize
+    try:
+        yield
+    finally:
+        Linear.upcast_rows = saved
+
+
 def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, max_chars: int = 20000,
                 window: int = 512) -> dict[str, Any]:
     from kataru.llm import load
@@ -359,8 +375,9 @@ def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, m
     window = min(window, llm.config.max_seq_len - 1)
     rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window)}]
     for method in methods:
-        rows.append({"method": method, "perplexity": perplexity(quantize_model(llm.model, method, inplace=False),
-                                                                 tokens, window)})
+        with decode_numerics():
+            ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window)
+        rows.append({"method": method, "perplexity": ppl})
     for row in rows:
         row["increase"] = row["perplexity"] / rows[0]["perplexity"] - 1
     return {"target": folder, "tokens": sum(len(t) for t in tokens), "window": window, "rows": rows}

@@ -2,11 +2,11 @@
 
 int8: one scale per output channel, `aten._weight_int8pack_mm`, or on AVX2 CPUs kataru's own kernel
 (`kataru.kernels`), which reads the int8 weights once for all rows of a decode batch.
-int4: groups of `group_size` input channels with a scale and zero each, `aten._weight_int4pack_mm`
-(CPU or CUDA flavour). The stored form keeps the plain 4-bit values, and packing happens on the device
-that runs them, because the packed layout differs between kernels.
-
-Activations stay in the model dtype; embeddings and norms are not quantized.
+int4: groups of `group_size` input channels with a scale and zero each, kataru's kernel on AVX2 CPUs, else
+`aten._weight_int4pack_mm` (CPU or CUDA flavour).
+kataru's kernels quantize the activations of a decode step to int8 blocks, as llama.cpp does; torch's keep
+them in the model dtype. Prefill on CPU dequantizes to float32 and runs one GEMM. Embeddings and norms are not
+quantized.
 """
 
 from __future__ import annotations
@@ -31,49 +31,71 @@ METHODS = ("int8", "int4")
 
 
 class Int8Linear(nn.Module):
+    """int8 weights with one scale per output row. Where the shape allows (out % 8 == 0, in % 64 == 0) the
+    weight is stored in the kernel's tiled layout (`kernels.tile_int8`), else row by row."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.tiled = kernels.tiles_fit(out_features, in_features)
+        shape = (out_features // kernels.TILE, in_features * kernels.TILE) if self.tiled else (out_features,
+                                                                                                in_features)
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+        self.plain: Tensor | None = None  # [out, in] for torch's kernel, made once where that kernel runs
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
-        module.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        module.weight = kernels.tile_int8(q) if module.tiled else q
         module.scales = scales.to(linear.weight.dtype)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
+    def plain_weight(self) -> Tensor:
+        """The int8 values as [out, in]."""
+        return kernels.untile_int8(self.weight) if self.tiled else self.weight
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
-        if x.device.type == "cpu" and rows >= Linear.upcast_rows:  # prefill: dequantize once, fp32 GEMM
-            weight = self.weight.float() * self.scales.float().unsqueeze(1)
+        cpu = x.device.type == "cpu"
+        if cpu and rows < Linear.upcast_rows and kernels.applicable(self.weight):
+            return kernels.linear_int8(x, self.weight, self.scales.float(), self.bias, tiled=self.tiled)
+        # prefill on CPU: dequantize once, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
+        # several rows of a width that is not a multiple of 8, torch 2.13)
+        if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8):
+            weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
-        if x.device.type == "cpu" and kernels.applicable(self.weight):
-            return kernels.linear_int8(x, self.weight, self.scales.float(), self.bias)
+        if self.plain is None or self.plain.device != x.device:
+            self.plain = self.plain_weight().contiguous() if self.tiled else self.weight
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, scales)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.plain, scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
 def int4_group_size(in_features: int, wanted: int) -> int:
-    """The largest group size the kernels take (32..256), at most `wanted`, that divides the width."""
-    for size in (256, 128, 64, 32):
-        if size <= wanted and in_features % size == 0:
+    """The largest group size the kernels take (64..256), at most `wanted`, that divides the width."""
+    for size in (256, 128, 64):
+        if size <= max(wanted, 64) and in_features % size == 0:
             return size
-    raise KataruError(f"int4 needs input widths divisible by 32; got {in_features}; use int8")
+    raise KataruError(f"int4 needs input widths divisible by 64; got {in_features}; use int8")
 
 
 class Int4Linear(nn.Module):
-    """4-bit asymmetric groups: w ≈ (q - 8) * scale + zero, q in 0..15."""
+    """4-bit asymmetric groups: w ≈ (q - 8) * scale + zero, q in 0..15, stored two to a byte in tiles of 8 rows
+    (`kernels.pack_int4`).
+
+    kataru's CPU kernel reads that layout directly; torch's int4 kernels get their own packing, made once on
+    the device that runs them, because the packed layout differs between kernels.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  group_size: int = 64) -> None:
@@ -81,10 +103,12 @@ class Int4Linear(nn.Module):
         group_size = int4_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.empty(out_features // kernels.TILE, in_features * 4,
+                                                    dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
-        self.packed: Tensor | None = None
+        self.packed: Tensor | None = None  # torch's layout, on the device that ran last
+        self.scale_min: Tensor | None = None  # the kernel's layout of scales and minimums
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -96,16 +120,23 @@ class Int4Linear(nn.Module):
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scales = ((high - low) / 15).clamp(min=1e-8)
         zeros = low + scales * 8
-        module.qweight = ((groups - low) / scales).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+        q = ((groups - low) / scales).round().clamp(0, 15).reshape(n, k)
+        module.qweight = kernels.pack_int4(q)
         module.scales_and_zeros = torch.cat((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(
             linear.weight.dtype)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
-    def _pack(self, device: torch.device) -> Tensor:
+    def dequantize(self) -> Tensor:
+        """The float32 weight [out, in] the 4-bit values stand for."""
+        q = kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
+        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+
+    def _torch_packed(self, device: torch.device) -> Tensor:
         if self.packed is None or self.packed.device != device:
-            q = self.qweight.to(device=device, dtype=torch.int32)
+            q = kernels.unpack_int4(self.qweight).to(device=device, dtype=torch.int32)
             if device.type == "cpu":
                 self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             else:
@@ -113,10 +144,22 @@ class Int4Linear(nn.Module):
                 self.packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
         return self.packed
 
+    def _scale_min(self) -> Tensor:
+        if self.scale_min is None:
+            scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)
+            self.scale_min = kernels.int4_scale_min(scales, zeros - 8 * scales)
+        return self.scale_min
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        packed = self._pack(x.device)
+        cpu = x.device.type == "cpu"
+        if cpu and flat.shape[0] < Linear.upcast_rows and kernels.applicable(self.qweight):
+            return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
+        if cpu and flat.shape[0] >= Linear.upcast_rows:  # prefill: dequantize once, fp32 GEMM
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
+        packed = self._torch_packed(x.device)
         sz = self.scales_and_zeros.to(flat.dtype)
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
@@ -127,8 +170,8 @@ class Int4Linear(nn.Module):
 
 
 def _int4_fits(linear: nn.Linear, method: str) -> bool:
-    """The int4 kernels need out_features % 16 == 0 and in_features % 32 == 0; other layers get int8."""
-    return method == "int4" and linear.out_features % 16 == 0 and linear.in_features % 32 == 0
+    """The int4 kernels need out_features % 16 == 0 and in_features % 64 == 0; other layers get int8."""
+    return method == "int4" and linear.out_features % 16 == 0 and linear.in_features % 64 == 0
 
 
 def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool = True) -> nn.Module:
@@ -173,6 +216,7 @@ def _replace_linears(model: nn.Module, method: str, make: Callable[[nn.Linear], 
 
 
 QUANT_FILE = "kataru_quantization.json"
+FORMAT = 2  # 2: int8 and 4-bit weights in the CPU kernels' tiles of 8 rows, 4-bit two to a byte
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -187,6 +231,9 @@ def read_quantization(folder: Path) -> dict | None:
         raise KataruError(f"{path} is not valid JSON ({err}); quantize the checkpoint again") from None
     if info.get("method") not in METHODS:
         raise KataruError(f"{path} names an unknown method {info.get('method')!r}; quantize the checkpoint again")
+    if info.get("format", 1) != FORMAT:
+        raise KataruError(f"{folder} was quantized in an older layout (format {info.get('format', 1)}, this kataru "
+                          f"reads {FORMAT}); quantize the original checkpoint again")
     return info
 
 
@@ -205,7 +252,7 @@ def save_quantized(model: nn.Module, source: Path, out: Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "kataru"})
     os.replace(tmp, out / "model.safetensors")  # atomic: never a half-written weight file
     group = max((m.group_size for m in model.modules() if isinstance(m, Int4Linear)), default=None)
-    info = {"method": model.quantization, "group_size": group,
+    info = {"method": model.quantization, "format": FORMAT, "group_size": group,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
     (out / QUANT_FILE).write_text(json.dumps(info), encoding="utf-8")
     return out

@@ -1,4 +1,4 @@
-"""One decode matmul, kataru's CPU kernels against torch's, for 1 and 8 rows (the numbers behind the README).
+"""One decode matmul, kataru's CPU kernels against torch's (bf16, int8, int4), for 1 and 8 rows.
 
 usage: .venv/bin/python scripts/bench_matmul.py [--out 14336] [--in 2048] [--copies N] [--seconds 1.5]
 Defaults: the fused gate+up weight of the llm-jp-3.1-1.8b shape. Several copies of the weight (512 MB in
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kataru import kernels
+from kataru.quantize import Int4Linear, Int8Linear
 
 
 def seconds_per_call(fn: Callable[[torch.Tensor], torch.Tensor], weights: list[torch.Tensor], budget: float) -> float:
@@ -41,23 +42,30 @@ def main() -> None:
     n, k = args.out, args.inp
     copies = args.copies or max(2, int(512e6 // (n * k * 2)))
     bf16 = [(torch.randn(n, k) * 0.02).bfloat16() for _ in range(copies)]
-    int8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
-    scales = torch.rand(n).bfloat16() * 0.01
+    int8 = [Int8Linear.from_linear(linear(w)) for w in bf16]
+    int4 = [Int4Linear.from_linear(linear(w)) for w in bf16]
     print(f"{n}x{k} weight, {copies} copies, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'rows':>4} {'kind':>5} {'torch ms':>9} {'kataru ms':>10} {'speed-up':>9} {'kataru GB/s':>12} "
           f"{'Gweights/s':>11}")
     for rows in (1, 8):
         x = torch.randn(rows, k).bfloat16()
-        for kind, weights, ours, theirs in (
-            ("bf16", bf16, lambda w, x=x: kernels.linear_bf16(x, w), lambda w, x=x: F.linear(x, w)),
-            ("int8", int8, lambda q, x=x: kernels.linear_int8(x, q, scales.float()),
-             lambda q, x=x: torch.ops.aten._weight_int8pack_mm(x, q, scales)),
+        for kind, weights, ours, theirs, size in (
+            ("bf16", bf16, lambda w, x=x: kernels.linear_bf16(x, w), lambda w, x=x: F.linear(x, w), 2.0),
+            ("int8", int8, lambda m, x=x: m(x), None, 1.0),
+            ("int4", int4, lambda m, x=x: m(x), None, 0.5 + 4 / Int4Linear(k, n, False, torch.bfloat16).group_size),
         ):
-            t_torch = seconds_per_call(theirs, weights, args.seconds)
             t_ours = seconds_per_call(ours, weights, args.seconds)
-            gbs = weights[0].numel() * weights[0].element_size() / t_ours / 1e9
+            with kernels.disabled():  # the quantized modules fall back to torch's packed kernels
+                t_torch = seconds_per_call(theirs or ours, weights, args.seconds)
+            gbs = n * k * size / t_ours / 1e9
             print(f"{rows:>4} {kind:>5} {1e3 * t_torch:>9.2f} {1e3 * t_ours:>10.2f} {t_torch / t_ours:>8.2f}x "
                   f"{gbs:>12.1f} {n * k / t_ours / 1e9:>11.1f}")
+
+
+def linear(weight: torch.Tensor) -> torch.nn.Linear:
+    module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    module.weight.data = weight
+    return module
 
 
 if __name__ == "__main__":

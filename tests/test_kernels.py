@@ -1,4 +1,5 @@
-"""The bf16 decode kernel: error bound against float64, the same bits at every batch size, fallbacks."""
+"""The decode kernels (bf16, int8, int4): error bounds against float64, the same bits at every batch size,
+fallbacks."""
 
 from __future__ import annotations
 
@@ -44,37 +45,103 @@ def int8_operands(rows: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor
     return x, q, scales, b
 
 
+def input_half_steps(x: torch.Tensor) -> torch.Tensor:
+    """[rows, k]: half the int8 step of each input's block of 64 (max|x_block| / 127 / 2)."""
+    rows, k = x.shape
+    pad = (-k) % 64
+    blocks = F.pad(x.double().abs(), (0, pad)).reshape(rows, -1, 64)
+    return (blocks.amax(-1, keepdim=True) / 127 / 2).expand_as(blocks).reshape(rows, -1)[:, :k]
+
+
+def quantized_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """The kernels' error bound against x @ w.T + b in float64, for a dequantized weight w.
+
+    Each input becomes an int8 step of its block, off by at most half a step h, which moves the sum by at
+    most sum h|w|. The integer block sums are exact (at most 64 * 127 * 127 < 2^24, so also as float32);
+    scaling them, adding them up, the row scale and the bias are at most k + 6 float32 roundings of
+    sum (|x| + h)|w|; the result is rounded once to bf16 (2^-8)."""
+    k = x.shape[1]
+    h = input_half_steps(x)
+    quantization = h @ w.abs().t()
+    rounding = (k + 6) * 2**-24 * ((x.double().abs() + h) @ w.abs().t() + b.double().abs())
+    return 2**-8 * exact.abs() + quantization + rounding
+
+
 @needs_kernel
-@pytest.mark.parametrize("k,n", [(256, 96), (70, 37), (5, 3), (4096 + 24, 40)])  # the last: several int32 flushes
+@pytest.mark.parametrize("k,n,tiled", [(256, 96, False), (70, 37, False), (5, 3, False), (4096 + 24, 40, False),
+                                       (256, 96, True), (4096, 40, True), (64, 8, True)])  # partial last blocks, odd n
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 17])
-def test_int8_error_is_within_input_quantization_and_float32_rounding(rows: int, k: int, n: int) -> None:
-    """Each input becomes int16 steps of d = max|x_row| / 32767, off by at most d/2, which moves the sum by at
-    most d/2 * sum|w|. The int32 sums are exact; converting and adding them, the two scalings and the bias
-    are at most k + 3 float32 roundings of sum(|x| + d/2)|w|; the result is rounded to bf16 (2^-8)."""
+def test_int8_error_is_within_input_quantization_and_float32_rounding(rows: int, k: int, n: int, tiled: bool) -> None:
     x, q, scales, b = int8_operands(rows, k, n)
     w = q.double() * scales.double()[:, None]
     exact = x.double() @ w.t() + b.double()
-    got = kernels.linear_int8(x, q, scales, b)
+    got = kernels.linear_int8(x, kernels.tile_int8(q) if tiled else q, scales, b, tiled=tiled)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    half_step = x.double().abs().amax(dim=1, keepdim=True) / 32767 / 2
-    quantization = half_step * w.abs().sum(dim=1)[None, :]
-    rounding = (k + 3) * 2**-24 * ((x.double().abs() + half_step) @ w.abs().t() + b.double().abs())
-    bound = 2**-8 * exact.abs() + quantization + rounding
-    assert ((got.double() - exact).abs() <= bound * 1.01).all()
+    assert ((got.double() - exact).abs() <= quantized_bound(x, w, b, exact) * 1.01).all()
+
+
+def int4_operands(rows: int, k: int, n: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor]:
+    """x, packed weights, scale_min, bias, and the float64 weight they stand for."""
+    x, _, b = operands(rows, k, n)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02).bfloat16()
+    mins = (-torch.rand(n, k // group, generator=g) * 0.15).bfloat16()
+    w = q.double() * scales.double().repeat_interleave(group, 1) + mins.double().repeat_interleave(group, 1)
+    return x, kernels.pack_int4(q), kernels.int4_scale_min(scales, mins), b, w
 
 
 @needs_kernel
-def test_int8_sums_do_not_overflow_at_the_extremes() -> None:
-    """Every product at its largest (127 * 32767) over a long row: int32 partial sums must be flushed in time."""
+@pytest.mark.parametrize("k,n,group", [(256, 96, 64), (512, 32, 128), (64, 8, 64), (4096, 40, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 17])
+def test_int4_error_is_within_input_quantization_and_float32_rounding(rows: int, k: int, n: int, group: int) -> None:
+    """As for int8; the groups' minimum meets the float32 sum of each input block (k more roundings at most)."""
+    x, packed, scale_min, b, w = int4_operands(rows, k, n, group)
+    exact = x.double() @ w.t() + b.double()
+    got = kernels.linear_int4(x, packed, scale_min, group, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert ((got.double() - exact).abs() <= quantized_bound(x, w, b, exact) * 1.01).all()
+
+
+def test_int8_tiling_round_trips() -> None:
+    q = torch.randint(-127, 128, (16, 128), dtype=torch.int8)
+    tiled = kernels.tile_int8(q)
+    assert tiled.shape == (2, 1024)
+    assert int(tiled[1, 32 * 3 + 4 * 6 + 2]) == int(q[8 + 6, 12 + 2])  # byte 4r + j of step s: row r, value 4s + j
+    assert torch.equal(kernels.untile_int8(tiled), q)
+
+
+def test_int4_packing_round_trips() -> None:
+    q = torch.randint(0, 16, (16, 192), dtype=torch.uint8)
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (2, 768) and packed.dtype == torch.uint8
+    # byte 4r + j of step s: row r's values 8s + j (low nibble) and 8s + 4 + j (high nibble), tile by tile
+    assert int(packed[0, 4 * 3 + 1]) == int(q[3, 1]) | int(q[3, 5]) << 4
+    assert int(packed[1, 32 * 2 + 4 * 5 + 2]) == int(q[8 + 5, 16 + 2]) | int(q[8 + 5, 16 + 6]) << 4
+    assert torch.equal(kernels.unpack_int4(packed), q)
+
+
+@needs_kernel
+def test_integer_sums_are_exact_at_the_extremes() -> None:
+    """Every product at its largest over a long row, in both signs: a saturating or overflowing integer
+    step (vpmaddubsw adds pairs in int16) would show as a wrong sum."""
     k = 16384
     x = torch.full((2, k), 3.0).bfloat16()
     x[1] = -3.0
     q = torch.full((4, k), 127, dtype=torch.int8)
     q[1] = -127
-    scales = torch.full((4,), 0.01)
-    got = kernels.linear_int8(x, q, scales).double()
-    exact = x.double() @ (q.double() * 0.01).t()
-    assert torch.allclose(got, exact, rtol=2**-8, atol=0)
+    for tiled in (False, True):
+        q8 = torch.cat((q, q)) if tiled else q
+        got = kernels.linear_int8(x, kernels.tile_int8(q8) if tiled else q8, torch.full((len(q8),), 0.01),
+                                  tiled=tiled).double()
+        assert torch.allclose(got, x.double() @ (q8.double() * 0.01).t(), rtol=2**-8, atol=0)
+    q4 = torch.full((8, k), 15, dtype=torch.uint8)
+    q4[1] = 0
+    scale_min = kernels.int4_scale_min(torch.full((8, k // 64), 0.01), torch.full((8, k // 64), -0.05))
+    w = q4.double() * scale_min[0, 0, 0, 0].double() + scale_min[0, 0, 1, 0].double()
+    got = kernels.linear_int4(x, kernels.pack_int4(q4), scale_min, 64).double()
+    assert torch.allclose(got, x.double() @ w.t(), rtol=2**-8, atol=0)
 
 
 @needs_kernel
@@ -82,7 +149,11 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch() -> None:
     """The engine's greedy results must not depend on what else is in the batch."""
     x, w, _ = operands(17, 2048 + 24, 301)
     _, q, scales, _ = int8_operands(17, 2048 + 24, 301)
-    for fn in (lambda rows: kernels.linear_bf16(rows, w), lambda rows: kernels.linear_int8(rows, q, scales)):
+    _, packed, scale_min, _, _ = int4_operands(17, 2048, 304, 64)
+    tiled = kernels.tile_int8(q[:296, :2048])
+    for fn in (lambda rows: kernels.linear_bf16(rows, w), lambda rows: kernels.linear_int8(rows, q, scales),
+               lambda rows: kernels.linear_int8(rows[:, :2048], tiled, scales[:296], tiled=True),
+               lambda rows: kernels.linear_int4(rows[:, :2048], packed, scale_min, 64)):
         alone = torch.cat([fn(x[i:i + 1]) for i in range(17)])
         for rows in (2, 3, 4, 5, 8, 17):
             assert torch.equal(fn(x[:rows]), alone[:rows])

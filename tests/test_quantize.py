@@ -11,6 +11,7 @@ from torch import nn
 
 import kataru
 from kataru.cli import main
+from kataru.errors import KataruError
 from kataru.quantize import Int4Linear, Int8Linear
 
 
@@ -70,3 +71,8 @@ def test_quantized_model_stays_close_and_reloads(method: str, checkpoints: dict,
     assert torch.equal(reloaded.logits(ids), b)
     assert reloaded.generate("x", temperature=0, max_new_tokens=6) == quant.generate("x", temperature=0,
                                                                                   max_new_tokens=6)
+    marker = tmp_path / "q" / "kataru_quantization.json"
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k != "format"}  # as kataru 1 wrote it
+    marker.write_text(json.dumps(old))
+    with pytest.raises(KataruError, match=r"older layout.*quantize the original checkpoint again"):
+        kataru.load(tmp_path / "q")

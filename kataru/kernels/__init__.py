@@ -1,12 +1,13 @@
-"""Matmul kernels for CPU decoding (bf16 and int8 weights), compiled on first use with the system's C compiler.
+"""Matmul kernels for CPU decoding (bf16, int8 and 4-bit weights), compiled on first use with the system's C
+compiler.
 
 On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 matmul for a few rows streams
 the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
 decoding costs eight times batch 1. `linear.c` reads each weight once for every row of the batch at
-close to the bandwidth, and does the same for int8 weights with per-row scales. It is built once per
-source version into the user's cache (`$KATARU_CACHE`, default `~/.cache/kataru`) and loaded with
-ctypes; with no compiler, no AVX2, or `KATARU_KERNELS=0`, kataru uses torch's kernels, which give the
-same results up to float rounding.
+close to the bandwidth; for int8 and 4-bit weights it quantizes the input rows to int8 blocks and sums
+with integer dot products, as llama.cpp does. It is built once per source version into the user's cache
+(`$KATARU_CACHE`, default `~/.cache/kataru`) and loaded with ctypes; with no compiler, no AVX2, or
+`KATARU_KERNELS=0`, kataru uses torch's kernels, which give the same results up to rounding.
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ def library() -> ctypes.CDLL | None:
         if supported():
             try:
                 lib = ctypes.CDLL(str(build()))
-                pointers, sizes = [ctypes.c_void_p] * 3, [ctypes.c_int64] * 3
-                lib.kataru_linear_bf16.argtypes = [*pointers, *sizes, ctypes.c_int]
-                lib.kataru_linear_int8.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_void_p, *sizes, ctypes.c_int]
-                lib.kataru_linear_bf16.restype = lib.kataru_linear_int8.restype = None
+                pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                lib.kataru_linear_bf16.argtypes = [*[pointer] * 3, *[size] * 3, threads]
+                lib.kataru_linear_int8.argtypes = [*[pointer] * 4, *[size] * 3, threads]
+                lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 4, *[size] * 3, threads]
+                lib.kataru_linear_int4.argtypes = [*[pointer] * 4, *[size] * 4, threads]
+                for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
+                           lib.kataru_linear_int4):
+                    fn.restype = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 lib = None
                 if os.environ.get("KATARU_DEBUG"):
@@ -124,21 +129,83 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return _output(y, bias, x)
 
 
-def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ (weight * scales[:, None]).T + bias for contiguous int8 CPU weights and float32 scales.
+TILE = 8  # output rows interleaved in linear.c's tiled layouts (int8 and 4-bit)
+BLOCK = 64  # linear.c's QB: the input block; tiled widths and 4-bit groups are multiples of it
 
-    Each input row is quantized to int16 with its own scale (error at most 2^-16 of its largest value, far
-    below the bf16 rounding of the activations themselves), so the kernel sums products exactly in int32.
+
+def tiles_fit(out_features: int, in_features: int) -> bool:
+    return out_features % TILE == 0 and in_features % BLOCK == 0
+
+
+def tile_int8(q: Tensor) -> Tensor:
+    """int8 [N, K] (N % 8 == 0, K % 64 == 0) as the kernel streams it, [N/8, 8K]: tiles of 8 rows, each a run
+    of K/4 steps of 32 bytes, byte 4r + j of step s holding row r's value 4s + j (linear.c, tile8)."""
+    n, k = q.shape
+    return q.reshape(n // TILE, TILE, k // 4, 4).permute(0, 2, 1, 3).reshape(n // TILE, TILE * k).contiguous()
+
+
+def untile_int8(tiled: Tensor) -> Tensor:
+    tiles, width = tiled.shape
+    k = width // TILE
+    return tiled.reshape(tiles, k // 4, TILE, 4).permute(0, 2, 1, 3).reshape(tiles * TILE, k)
+
+
+def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False) -> Tensor:
+    """x @ (w * scales[:, None]).T + bias for contiguous int8 CPU weights (w [N, K], or `tile_int8(w)` with
+    tiled=True, the faster layout) and float32 scales.
+
+    Each input row is quantized to int8 in blocks of 64 values (step max|x_block| / 127), as llama.cpp's
+    Q8_0 does, and the products are summed exactly in int32 per block.
     """
     lib = library()
     assert lib is not None, "linear_int8 called where the kernels are unavailable"
-    n, k = weight.shape
+    n, k = (weight.shape[0] * TILE, weight.shape[1] // TILE) if tiled else weight.shape
     rows = _rows(x, k)
-    x_scales = (rows.abs().amax(dim=1) / 32767).clamp(min=torch.finfo(torch.float32).tiny)
-    x16 = torch.round(rows / x_scales[:, None]).to(torch.int16)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    lib.kataru_linear_int8(x16.data_ptr(), x_scales.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                           rows.shape[0], k, n, torch.get_num_threads())
+    fn = lib.kataru_linear_int8_tiled if tiled else lib.kataru_linear_int8
+    fn(rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows.shape[0], k, n,
+       torch.get_num_threads())
+    return _output(y, bias, x)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """4-bit values [N, K] (0..15; N % 8 == 0, K % 64 == 0) in the kernel's layout, bytes [N/8, 4K]: tiles of 8
+    rows, each a run of K/8 steps of 32 bytes, byte 4r + j of step s holding row r's value 8s + j in its low
+    and 8s + 4 + j in its high nibble (linear.c, tile4)."""
+    n, k = q.shape
+    steps = q.to(torch.uint8).reshape(n // TILE, TILE, k // 8, 2, 4)  # tile, row, step, half, j
+    nibbles = steps[:, :, :, 0] | steps[:, :, :, 1] << 4  # tile, row, step, j
+    return nibbles.permute(0, 2, 1, 3).reshape(n // TILE, 4 * k).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    tiles, width = packed.shape
+    k = width // 4
+    nibbles = packed.reshape(tiles, k // 8, TILE, 4).permute(0, 2, 1, 3)  # tile, row, step, j
+    values = torch.stack((nibbles & 15, nibbles >> 4), dim=3)  # tile, row, step, half, j
+    return values.reshape(tiles * TILE, k)
+
+
+def int4_scale_min(scales: Tensor, mins: Tensor) -> Tensor:
+    """[N, groups] scales and minimums as the kernel reads them: bf16 [N/8, groups, 2, 8]."""
+    n, groups = scales.shape
+    both = torch.stack((scales, mins), dim=-1).reshape(n // TILE, TILE, groups, 2)
+    return both.permute(0, 2, 3, 1).bfloat16().contiguous()
+
+
+def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, bias: Tensor | None = None) -> Tensor:
+    """x @ w.T + bias with w = q * scale + min per group; packed from `pack_int4`, scale_min from `int4_scale_min`.
+
+    Input rows are quantized to int8 blocks as in `linear_int8`; each group's minimum meets the exact float
+    sum of the input block.
+    """
+    lib = library()
+    assert lib is not None, "linear_int4 called where the kernels are unavailable"
+    n, k = packed.shape[0] * TILE, packed.shape[1] // 4
+    rows = _rows(x, k)
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), y.data_ptr(), rows.shape[0], k,
+                           n, group_size, torch.get_num_threads())
     return _output(y, bias, x)
 
 

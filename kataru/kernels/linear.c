@@ -1,35 +1,42 @@
-/* Decode-time matmuls for CPUs with AVX2 + FMA: y = x @ w.T for inputs x [M, K] (M small: the rows of a
- * decode batch) and weights w [N, K] stored as bf16, or as int8 with one float32 scale per output row.
+/* Decode-time matmuls for CPUs with AVX2 + FMA: y = x @ w.T for float32 inputs x [M, K] (M small: the rows of
+ * a decode batch) and weights w [N, K] stored as bf16, as int8 with one scale per output row, or as 4-bit
+ * groups with a scale and a minimum each.
  *
- * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from
- * memory and how few instructions each weight costs. A weight row is read once for up to four input
- * rows while it sits in L1, then again from L1 for the next four. Output rows are split between threads
- * of the OpenMP runtime torch itself uses (one libgomp in the process).
+ * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
+ * and how few instructions each weight costs. A weight row is read once for up to four input rows while it
+ * sits in L1, then again from L1 for the next four. Output rows are split between threads of the OpenMP
+ * runtime torch itself uses (one libgomp in the process).
  *
  * bf16: each weight becomes a float32 by a 16-bit shift and meets an FMA with the float32 input.
- * int8: the input row is given as int16 with one scale per row (quantized by the caller, relative error
- * 2^-16 of the row's largest value); sixteen int8 x int16 products are summed exactly by one vpmaddwd
- * into int32, flushed to float32 every CHUNK steps before they could overflow, and scaled at the end.
+ * int8 and int4 (the scheme of llama.cpp's Q8_0 / Q4_1 dot products): the input row is first quantized to
+ * int8 in blocks of QB values with one float scale per block (step max|x_block| / 127); vpmaddubsw then
+ * multiplies 32 weight bytes with 32 input bytes and adds pairs, so one instruction does what takes four
+ * float FMAs, and each block's exact integer sum is scaled once. int8 weights are signed, so the signs move
+ * onto the input (vpsignb) to fit vpmaddubsw's unsigned x signed operands; 4-bit weights are unsigned
+ * already, and their groups' minimum is applied through exact float sums of the input blocks.
  *
  * Every output element is summed in the same order whatever the batch size, the blocking or the thread,
- * so a sequence decodes to the same bits alone or batched with others.
+ * and each input row is quantized on its own, so a sequence decodes to the same bits alone or batched.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-enum { BF16 = 0, INT8 = 1 };
-#define CHUNK 128 /* int8 steps summed in int32: per lane 128 * 2 products of at most 127 * 32767 < 2^31 */
+enum { BF16 = 0, INT8 = 1, INT4 = 2 };
+#define QB 64 /* input block for int8 and int4 */
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t i; float f; } c;
+    c.i = (uint32_t)v << 16;
+    return c.f;
+}
 
 /* eight bf16 weights at element offset i, as float32 */
 static inline __m256 load8(const uint16_t *w, int64_t i) {
     __m128i h = _mm_loadu_si128((const __m128i *)(w + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline float load1(const uint16_t *w, int64_t i) {
-    union { uint32_t i; float f; } c;
-    c.i = (uint32_t)w[i] << 16;
-    return c.f;
 }
 
 static inline float hsum(__m256 v) {
@@ -39,67 +46,145 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Input rows in int8 blocks: x [M, K] ≈ q * d per block of QB (the last one may be shorter), with the exact
+ * float sum of each block (the 4-bit minimum term needs it). Per thread, grown on demand: calls from
+ * several Python threads (ctypes releases the GIL) never share it. */
+typedef struct { int8_t *q; float *d, *sums; int64_t blocks; } Quantized;
+static __thread int8_t *scratch_q;
+static __thread float *scratch_f;
+static __thread int64_t scratch_cap;
+
+static Quantized quantize_rows(const float *x, int64_t M, int64_t K) {
+    int64_t blocks = (K + QB - 1) / QB;
+    if (M * blocks * QB > scratch_cap) {
+        free(scratch_q);
+        free(scratch_f);
+        scratch_cap = M * blocks * QB;
+        scratch_q = malloc(scratch_cap);
+        scratch_f = malloc(2 * M * blocks * sizeof(float));
+    }
+    Quantized r = {scratch_q, scratch_f, scratch_f + M * blocks, blocks};
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the lane interleave of packs */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + m * K + b * QB;
+            int8_t *qb = r.q + m * K + b * QB;
+            int64_t len = K - b * QB < QB ? K - b * QB : QB;
+            float amax = 0, sum = 0;
+            if (len == QB) {
+                __m256 mx = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+                for (int i = 0; i < QB; i += 8) {
+                    __m256 v = _mm256_loadu_ps(xb + i);
+                    mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+                    s = _mm256_add_ps(s, v);
+                }
+                amax = hmax(mx);
+                sum = hsum(s);
+            } else {
+                for (int64_t i = 0; i < len; i++) {
+                    amax = fmaxf(amax, fabsf(xb[i]));
+                    sum += xb[i];
+                }
+            }
+            float inv = amax > 0 ? 127.0f / amax : 0.0f;
+            r.d[m * blocks + b] = amax / 127.0f;
+            r.sums[m * blocks + b] = sum;
+            if (len == QB) {
+                __m256 vinv = _mm256_set1_ps(inv);
+                for (int i = 0; i < QB; i += 32) {
+                    __m256i v[4];
+                    for (int j = 0; j < 4; j++)
+                        v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), vinv));
+                    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+                    _mm256_storeu_si256((__m256i *)(qb + i), _mm256_permutevar8x32_epi32(p, order));
+                }
+            } else {
+                for (int64_t i = 0; i < len; i++) qb[i] = (int8_t)lrintf(xb[i] * inv);
+            }
+        }
+    return r;
+}
+
 /* R weight rows from n against M input rows (M, R, kind constants after inlining; M * R <= 8 accumulators).
- * bf16: x float32. int8: x int16 with per-row scales xs, s the weight rows' scales. */
-static inline __attribute__((always_inline)) void block(const void *x, const void *w, const float *s,
-                                                        const float *xs, float *y, int64_t K, int64_t N,
-                                                        int64_t n, const int M, const int R, const int kind) {
+ * bf16: x float32. int8: sm the rows' float32 scales. */
+static inline __attribute__((always_inline)) void block(const float *x, Quantized in, const void *w,
+                                                        const void *sm, float *y, int64_t K, int64_t N, int64_t n,
+                                                        const int M, const int R, const int kind) {
     __m256 acc[4][4];
+    float extra[4][4]; /* the tail of a row past the last full vector or block */
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
-    int64_t k = 0;
+        for (int m = 0; m < M; m++) {
+            acc[r][m] = _mm256_setzero_ps();
+            extra[r][m] = 0;
+        }
     if (kind == BF16) {
-        const float *xf = x;
         const uint16_t *wb = w;
+        int64_t k = 0;
         for (; k + 8 <= K; k += 8) {
             __m256 wv[4];
             for (int r = 0; r < R; r++) wv[r] = load8(wb, (n + r) * K + k);
+            if ((k & 31) == 0)
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wb + (n + r + R) * K + k), _MM_HINT_T0);
             for (int m = 0; m < M; m++) {
-                __m256 xv = _mm256_loadu_ps(xf + m * K + k);
+                __m256 xv = _mm256_loadu_ps(x + m * K + k);
                 for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
             }
         }
         for (int r = 0; r < R; r++)
-            for (int m = 0; m < M; m++) {
-                float t = hsum(acc[r][m]);
-                for (int64_t j = k; j < K; j++) t += load1(wb, (n + r) * K + j) * xf[m * K + j];
-                y[m * N + n + r] = t;
+            for (int m = 0; m < M; m++)
+                for (int64_t j = k; j < K; j++) extra[r][m] += bf16_to_float(wb[(n + r) * K + j]) * x[m * K + j];
+    } else if (kind == INT8) {
+        const int8_t *wq = w;
+        const __m256i ones = _mm256_set1_epi16(1);
+        const int64_t full = K / QB;
+        for (int64_t b = 0; b < full; b++) {
+            __m256i w0[4], w1[4];
+            for (int r = 0; r < R; r++) {
+                w0[r] = _mm256_loadu_si256((const __m256i *)(wq + (n + r) * K + b * QB));
+                w1[r] = _mm256_loadu_si256((const __m256i *)(wq + (n + r) * K + b * QB + 32));
+                _mm_prefetch((const char *)(wq + (n + r + R) * K + b * QB), _MM_HINT_T0);
             }
-        return;
-    }
-    const int16_t *xi = x;
-    const int8_t *wq = w;
-    while (k + 16 <= K) {
-        __m256i iacc[4][4];
-        for (int r = 0; r < R; r++)
-            for (int m = 0; m < M; m++) iacc[r][m] = _mm256_setzero_si256();
-        int64_t end = k + 16 * CHUNK < K ? k + 16 * CHUNK : K;
-        for (; k + 16 <= end; k += 16) {
-            __m256i wv[4];
-            for (int r = 0; r < R; r++)
-                wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + (n + r) * K + k)));
             for (int m = 0; m < M; m++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xi + m * K + k));
-                for (int r = 0; r < R; r++) iacc[r][m] = _mm256_add_epi32(iacc[r][m], _mm256_madd_epi16(wv[r], xv));
+                __m256i a0 = _mm256_loadu_si256((const __m256i *)(in.q + m * K + b * QB));
+                __m256i a1 = _mm256_loadu_si256((const __m256i *)(in.q + m * K + b * QB + 32));
+                __m256i u0 = _mm256_sign_epi8(a0, a0), u1 = _mm256_sign_epi8(a1, a1);
+                __m256 d = _mm256_set1_ps(in.d[m * in.blocks + b]);
+                for (int r = 0; r < R; r++) { /* |a| * sign(a) w: pairs of at most 2 * 127 * 127, no saturation */
+                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(w0[r], a0)), ones);
+                    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(w1[r], a1)), ones);
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), d, acc[r][m]);
+                }
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int m = 0; m < M; m++) acc[r][m] = _mm256_add_ps(acc[r][m], _mm256_cvtepi32_ps(iacc[r][m]));
+        if (full * QB < K)
+            for (int r = 0; r < R; r++)
+                for (int m = 0; m < M; m++) {
+                    int32_t dot = 0;
+                    for (int64_t j = full * QB; j < K; j++) dot += (int32_t)wq[(n + r) * K + j] * in.q[m * K + j];
+                    extra[r][m] = (float)dot * in.d[m * in.blocks + full];
+                }
     }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
-            int32_t rest = 0;
-            for (int64_t j = k; j < K; j++) rest += (int32_t)wq[(n + r) * K + j] * xi[m * K + j];
-            y[m * N + n + r] = (hsum(acc[r][m]) + (float)rest) * s[n + r] * xs[m];
+            float t = hsum(acc[r][m]) + extra[r][m];
+            y[m * N + n + r] = kind == INT8 ? t * ((const float *)sm)[n + r] : t;
         }
 }
 
 /* m <= 4 input rows against weight rows [n, n + R): one input row takes four weight rows at a time (four
- * independent FMA chains), more input rows take two (their own chains are independent already) */
-static inline __attribute__((always_inline)) void rows(const void *x, const void *w, const float *s,
-                                                       const float *xs, float *y, int64_t K, int64_t N, int64_t n,
-                                                       int m, int R, const int kind) {
-#define B(M_, R_) block(x, w, s, xs, y, K, N, n, M_, R_, kind)
+ * independent chains), more input rows take two (their own chains are independent already) */
+static inline __attribute__((always_inline)) void rows(const float *x, Quantized in, const void *w, const void *sm,
+                                                       float *y, int64_t K, int64_t N, int64_t n, int m, int R,
+                                                       const int kind) {
+#define B(M_, R_) block(x, in, w, sm, y, K, N, n, M_, R_, kind)
     if (R == 4) {
         B(1, 4);
     } else if (R == 2) {
@@ -120,10 +205,11 @@ static inline __attribute__((always_inline)) void rows(const void *x, const void
 #undef B
 }
 
-static inline __attribute__((always_inline)) void linear(const void *x, const void *w, const float *s,
-                                                         const float *xs, float *y, int64_t M, int64_t K, int64_t N,
-                                                         int threads, const int kind) {
-    const int64_t xsize = kind == BF16 ? sizeof(float) : sizeof(int16_t);
+static inline __attribute__((always_inline)) void linear(const float *x, const void *w, const void *sm, float *y,
+                                                         int64_t M, int64_t K, int64_t N, int threads,
+                                                         const int kind) {
+    Quantized in = {0, 0, 0, 0};
+    if (kind != BF16) in = quantize_rows(x, M, K);
     #pragma omp parallel num_threads(threads)
     {
         int64_t t = 0, T = 1;
@@ -137,20 +223,149 @@ static inline __attribute__((always_inline)) void linear(const void *x, const vo
         int wide = M == 1 ? 4 : 2;
         for (int64_t n = n0; n < n1;) {
             int R = n + wide <= n1 ? wide : 1;
-            for (int64_t m0 = 0; m0 < M; m0 += 4)
-                rows((const char *)x + m0 * K * xsize, w, s, xs ? xs + m0 : 0, y + m0 * N, K, N, n,
-                     M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                Quantized part = in;
+                if (kind != BF16) part = (Quantized){in.q + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
+                                                     in.blocks};
+                rows(x + m0 * K, part, w, sm, y + m0 * N, K, N, n, M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
+            }
             n += R;
         }
     }
 }
 
-void kataru_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t K, int64_t N, int threads) {
-    linear(x, w, 0, 0, y, M, K, N, threads, BF16);
+/* 4-bit weights, one tile of 8 output rows against M <= 4 input rows. The tile's bytes are K/8 steps of 32:
+ * byte 4r + j of step s holds row r's value 8s + j in its low and 8s + 4 + j in its high nibble, so one AND
+ * gives four values of each of the 8 rows in its own 32-bit lane, and vpmaddubsw against four input bytes
+ * broadcast to every lane leaves each row's sums in its own lane: no horizontal adds, one store of 8
+ * outputs, and a single sequential stream per thread. Steps add up in int16 (at most 4 * 2 * 2 * 15 * 127
+ * = 30480) before vpmaddwd widens them. sm: bf16 [N/8, groups, 2, 8], the tile's scales then minimums,
+ * weight = q * scale + min. */
+static inline __attribute__((always_inline)) void tile4(Quantized in, const uint8_t *w, const uint16_t *sm,
+                                                        float *y, int64_t K, int64_t N, int64_t tile, int64_t group,
+                                                        const int M) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t groups = K / group, per_group = group / QB;
+    const uint8_t *wt = w + tile * 4 * K;
+    const uint16_t *st = sm + tile * groups * 16;
+    __m256 acc[4];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < in.blocks; b++) {
+        __m256i sums32[4];
+        for (int m = 0; m < M; m++) sums32[m] = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            __m256i sums16[4];
+            for (int m = 0; m < M; m++) sums16[m] = _mm256_setzero_si256();
+            for (int s = 0; s < 4; s++) {
+                int64_t step = b * 8 + half * 4 + s;
+                const uint8_t *p = wt + step * 32;
+                if (s % 2 == 0) _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+                __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+                __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                for (int m = 0; m < M; m++) {
+                    int32_t a0, a1;
+                    memcpy(&a0, in.q + m * K + step * 8, 4);
+                    memcpy(&a1, in.q + m * K + step * 8 + 4, 4);
+                    __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0)),
+                                                   _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1)));
+                    sums16[m] = _mm256_add_epi16(sums16[m], p16);
+                }
+            }
+            for (int m = 0; m < M; m++) sums32[m] = _mm256_add_epi32(sums32[m], _mm256_madd_epi16(sums16[m], ones));
+        }
+        int64_t g = b / per_group;
+        __m256 scale = load8(st, g * 16), min = load8(st, g * 16 + 8);
+        for (int m = 0; m < M; m++) {
+            __m256 d = _mm256_set1_ps(in.d[m * in.blocks + b]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32[m]), _mm256_mul_ps(scale, d), acc[m]);
+            acc[m] = _mm256_fmadd_ps(min, _mm256_set1_ps(in.sums[m * in.blocks + b]), acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm256_storeu_ps(y + m * N + tile * 8, acc[m]);
 }
 
-/* x int16 [M, K] with x_scales [M]: the input is x * x_scales[:, None] */
-void kataru_linear_int8(const int16_t *x, const float *x_scales, const int8_t *w, const float *scales, float *y,
-                        int64_t M, int64_t K, int64_t N, int threads) {
-    linear(x, w, scales, x_scales, y, M, K, N, threads, INT8);
+/* int8 weights in tiles of 8 rows [N/8, 8K]: byte 4r + j of step s is row r's value 4s + j. As for 4-bit
+ * tiles, each row's sums stay in their own lane and each thread reads one sequential stream; the signs move
+ * onto the input as in block(). */
+static inline __attribute__((always_inline)) void tile8(Quantized in, const int8_t *w, const float *scales,
+                                                        float *y, int64_t K, int64_t N, int64_t tile, const int M) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *wt = w + tile * 8 * K;
+    __m256 acc[4];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < in.blocks; b++) {
+        __m256i s32[4];
+        for (int m = 0; m < M; m++) s32[m] = _mm256_setzero_si256();
+        for (int s = 0; s < QB / 4; s++) {
+            int64_t step = b * (QB / 4) + s;
+            const int8_t *p = wt + step * 32;
+            if (s % 2 == 0) _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+            __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+            for (int m = 0; m < M; m++) {
+                int32_t a0;
+                memcpy(&a0, in.q + m * K + step * 4, 4);
+                __m256i a = _mm256_set1_epi32(a0);
+                __m256i pr = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(raw, a));
+                s32[m] = _mm256_add_epi32(s32[m], _mm256_madd_epi16(pr, ones));
+            }
+        }
+        for (int m = 0; m < M; m++)
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[m]), _mm256_set1_ps(in.d[m * in.blocks + b]), acc[m]);
+    }
+    __m256 sc = _mm256_loadu_ps(scales + tile * 8);
+    for (int m = 0; m < M; m++) _mm256_storeu_ps(y + m * N + tile * 8, _mm256_mul_ps(acc[m], sc));
+}
+
+/* one tile of 8 output rows after another, the tiles split evenly between the threads */
+static inline __attribute__((always_inline)) void linear_tiled(const float *x, const void *w, const void *sm, float *y,
+                                                               int64_t M, int64_t K, int64_t N, int64_t group,
+                                                               int threads, const int kind) {
+    Quantized in = quantize_rows(x, M, K);
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t t = 0, T = 1;
+#ifdef _OPENMP
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        int64_t tiles = N / 8, chunk = (tiles + T - 1) / T, t0 = t * chunk, t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
+        for (int64_t tile = t0; tile < t1; tile++)
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                Quantized part = {in.q + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks, in.blocks};
+                float *ym = y + m0 * N;
+#define TILE(M_) kind == INT8 ? tile8(part, w, sm, ym, K, N, tile, M_) : tile4(part, w, sm, ym, K, N, tile, group, M_)
+                switch (M - m0 < 4 ? M - m0 : 4) {
+                    case 1: TILE(1); break;
+                    case 2: TILE(2); break;
+                    case 3: TILE(3); break;
+                    default: TILE(4); break;
+                }
+#undef TILE
+            }
+    }
+}
+
+void kataru_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t K, int64_t N, int threads) {
+    linear(x, w, 0, y, M, K, N, threads, BF16);
+}
+
+/* w int8 [N, K] with float32 scales [N] */
+void kataru_linear_int8(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t K,
+                        int64_t N, int threads) {
+    linear(x, w, scales, y, M, K, N, threads, INT8);
+}
+
+/* w 4-bit in tiles of 8 rows [N/8, 4K] (N % 8 == 0, K % QB == 0), scale_min bf16 [N/8, K/group, 2, 8]
+ * (group % QB == 0) */
+void kataru_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale_min, float *y, int64_t M, int64_t K,
+                        int64_t N, int64_t group, int threads) {
+    linear_tiled(x, w, scale_min, y, M, K, N, group, threads, INT4);
+}
+
+/* w int8 in tiles of 8 rows [N/8, 8K] (N % 8 == 0, K % QB == 0) with float32 scales [N] */
+void kataru_linear_int8_tiled(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t K,
+                              int64_t N, int threads) {
+    linear_tiled(x, w, scales, y, M, K, N, 0, threads, INT8);
 }
