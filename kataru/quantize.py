@@ -70,7 +70,10 @@ class Int8Linear(nn.Module):
         # prefill on CPU: dequantize once, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
         # several rows of a width that is not a multiple of 8, torch 2.13)
         if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8):
-            weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
+            if self.tiled and kernels.applicable(self.weight):
+                weight = kernels.dequantize_int8_tiled(self.weight, self.scales.float())
+            else:
+                weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
         if self.plain is None or self.plain.device != x.device:
@@ -130,6 +133,8 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The float32 weight [out, in] the 4-bit values stand for."""
+        if self.qweight.device.type == "cpu" and kernels.applicable(self.qweight):
+            return kernels.dequantize_int4(self.qweight, self._scale_min(), self.group_size)
         q = kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
         scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
         return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)

@@ -201,3 +201,12 @@ def test_a_build_is_cached_and_leaves_no_temp_files(monkeypatch: pytest.MonkeyPa
     stamp = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
     assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+@needs_kernel
+def test_prefill_dequantizes_the_tiles_to_the_very_weights_decoding_uses() -> None:
+    _, q, scales, _ = int8_operands(1, 256, 96)
+    expected = q.float() * scales[:, None]
+    assert torch.equal(kernels.dequantize_int8_tiled(kernels.tile_int8(q), scales), expected)
+    _, packed, scale_min, _, w = int4_operands(1, 512, 32, 128)
+    assert torch.equal(kernels.dequantize_int4(packed, scale_min, 128).double(), w.float().double())

@@ -82,8 +82,10 @@ def library() -> ctypes.CDLL | None:
                 lib.kataru_linear_int8.argtypes = [*[pointer] * 4, *[size] * 3, threads]
                 lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 4, *[size] * 3, threads]
                 lib.kataru_linear_int4.argtypes = [*[pointer] * 4, *[size] * 4, threads]
+                lib.kataru_dequantize_int8_tiled.argtypes = [*[pointer] * 3, *[size] * 2, threads]
+                lib.kataru_dequantize_int4.argtypes = [*[pointer] * 3, *[size] * 3, threads]
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
-                           lib.kataru_linear_int4):
+                           lib.kataru_linear_int4, lib.kataru_dequantize_int8_tiled, lib.kataru_dequantize_int4):
                     fn.restype = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 lib = None
@@ -207,6 +209,28 @@ def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, b
     lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), y.data_ptr(), rows.shape[0], k,
                            n, group_size, torch.get_num_threads())
     return _output(y, bias, x)
+
+
+def dequantize_int8_tiled(weight: Tensor, scales: Tensor) -> Tensor:
+    """float32 [N, K] from `tile_int8` values and float32 scales, in one pass."""
+    lib = library()
+    assert lib is not None, "dequantize_int8_tiled called where the kernels are unavailable"
+    n, k = weight.shape[0] * TILE, weight.shape[1] // TILE
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.kataru_dequantize_int8_tiled(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), k, n,
+                                     torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(packed: Tensor, scale_min: Tensor, group_size: int) -> Tensor:
+    """float32 [N, K] from `pack_int4` values and `int4_scale_min`, in one pass."""
+    lib = library()
+    assert lib is not None, "dequantize_int4 called where the kernels are unavailable"
+    n, k = packed.shape[0] * TILE, packed.shape[1] // 4
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.kataru_dequantize_int4(packed.data_ptr(), scale_min.data_ptr(), out.data_ptr(), k, n, group_size,
+                               torch.get_num_threads())
+    return out
 
 
 @contextlib.contextmanager

@@ -369,3 +369,37 @@ void kataru_linear_int8_tiled(const float *x, const int8_t *w, const float *scal
                               int64_t N, int threads) {
     linear_tiled(x, w, scales, y, M, K, N, 0, threads, INT8);
 }
+
+/* The float32 weights [N, K] a tiled int8 or 4-bit weight stands for (prefill runs one GEMM on them). */
+void kataru_dequantize_int8_tiled(const int8_t *w, const float *scales, float *out, int64_t K, int64_t N,
+                                  int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t tile = 0; tile < N / 8; tile++)
+        for (int r = 0; r < 8; r++) {
+            const int8_t *src = w + tile * 8 * K + 4 * r;
+            float *dst = out + (tile * 8 + r) * K, s = scales[tile * 8 + r];
+            for (int64_t step = 0; step < K / 4; step++)
+                for (int j = 0; j < 4; j++) dst[4 * step + j] = src[32 * step + j] * s;
+        }
+}
+
+void kataru_dequantize_int4(const uint8_t *w, const uint16_t *scale_min, float *out, int64_t K, int64_t N,
+                            int64_t group, int threads) {
+    const int64_t groups = K / group;
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t tile = 0; tile < N / 8; tile++)
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *src = w + tile * 4 * K + 4 * r;
+            const uint16_t *sm = scale_min + tile * groups * 16 + r;
+            float *dst = out + (tile * 8 + r) * K;
+            for (int64_t step = 0; step < K / 8; step++) {
+                int64_t g = step * 8 / group;
+                float s = bf16_to_float(sm[g * 16]), m = bf16_to_float(sm[g * 16 + 8]);
+                for (int j = 0; j < 4; j++) {
+                    uint8_t byte = src[32 * step + j];
+                    dst[8 * step + j] = (byte & 15) * s + m;
+                    dst[8 * step + 4 + j] = (byte >> 4) * s + m;
+                }
+            }
+        }
+}
