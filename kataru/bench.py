@@ -139,7 +139,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
 
 def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int,
                 decode: Any = None) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens per row) on the continuous-batching engine."""
+    """(prefill seconds, decode seconds for new_tokens - 1 per row) on the continuous-batching engine: the first
+    step prefills and samples each row's first token, the rest are decode steps."""
     vocab = model.config.vocab_size
     engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens, decode=decode)
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
@@ -154,20 +155,35 @@ def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int
 
 @torch.inference_mode()
 def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, batch: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 per row) of transformers' generate, timed from inside:
+    a stopping criterion notes the clock after every token (subtracting a separate prefill run would bury
+    the decode steps in the prefill's noise at long prompts)."""
+    import transformers
+
+    class Clock(transformers.StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len))
-    start = time.perf_counter()
-    model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1, pad_token_id=0, eos_token_id=None)
-    prefill = time.perf_counter() - start
+    clock = Clock()
     start = time.perf_counter()
     model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                   eos_token_id=None)
-    return prefill, max(time.perf_counter() - start - prefill, 1e-9)
+                   eos_token_id=None, stopping_criteria=transformers.StoppingCriteriaList([clock]))
+    return clock.times[0] - start, max(clock.times[-1] - clock.times[0], 1e-9)
 
 
 def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
               prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
-              quantize: list[str] | None = None, compile: bool = False) -> dict[str, Any]:
+              quantize: list[str] | None = None, compile: bool = False, context: int = 16) -> dict[str, Any]:
+    """context: the prompt tokens each row holds before the timed decode steps (attention reads them all)."""
+    if new_tokens < 2:
+        raise KataruError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens (the first comes "
+                          "with the prefill)")
     if threads:
         torch.set_num_threads(threads)
     bandwidth = memory_bandwidth_gbs()  # first, so its buffer is gone before the model counts towards peak RSS
@@ -186,6 +202,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         model, reference = build_shape(target, layers, torch_dtype, compare == "transformers")
     config = model.config
     prompt_len = min(prompt_len, config.max_seq_len - new_tokens - 1)
+    context = min(context, config.max_seq_len - new_tokens - 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # a decode step reads every weight except the embedding table (only one row of it)
     step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
@@ -197,14 +214,15 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         if decode is not None:
             # one cache shape for every run below (a compiled step is specialised on it), and both compilations
             # (batch 1 is a special case for the compiler) done before timing
-            m.setup_caches(8, prompt_len + new_tokens)
-            time_kataru(m, 16, 4, 8, decode)
+            m.setup_caches(8, max(prompt_len, context) + new_tokens)
+            time_kataru(m, context, 4, 8, decode)
         time_kataru(m, 16, 4, 1, decode)  # warm up allocators and kernels
         prefill, _ = time_kataru(m, prompt_len, 1, 1, decode)
-        _, decode1 = time_kataru(m, 16, new_tokens, 1, decode)
-        _, decode8 = time_kataru(m, 16, new_tokens, 8, decode)
-        return Result(name, prompt_len / prefill, prefill, new_tokens / decode1, 8 * new_tokens / decode8,
-                      (new_tokens / decode1) / roofline)
+        _, decode1 = time_kataru(m, context, new_tokens, 1, decode)
+        _, decode8 = time_kataru(m, context, new_tokens, 8, decode)
+        steps = new_tokens - 1
+        return Result(name, prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8,
+                      (steps / decode1) / roofline)
 
     results = [measure("kataru", model)]
     kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
@@ -225,14 +243,16 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     if reference is not None:
         time_transformers(reference, 16, 2, 1)
         prefill_t, _ = time_transformers(reference, prompt_len, 1, 1)
-        _, decode1_t = time_transformers(reference, 16, new_tokens, 1)
-        _, decode8_t = time_transformers(reference, 16, new_tokens, 8)
-        results.append(Result("transformers", prompt_len / prefill_t, prefill_t, new_tokens / decode1_t,
-                              8 * new_tokens / decode8_t, (new_tokens / decode1_t) / roofline))
+        _, decode1_t = time_transformers(reference, context, new_tokens, 1)
+        _, decode8_t = time_transformers(reference, context, new_tokens, 8)
+        steps = new_tokens - 1
+        results.append(Result("transformers", prompt_len / prefill_t, prefill_t, steps / decode1_t,
+                              8 * steps / decode8_t, (steps / decode1_t) / roofline))
     report: dict[str, Any] = {
         "target": target, "family": config.family, "dtype": str(torch_dtype).removeprefix("torch."),
         "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
-        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "decode_context": context,
+        "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
         "torch": torch.__version__, "bf16_kernel": kernel, "results": [asdict(r) for r in results],
     }
@@ -247,7 +267,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['target']} ({report['family']}, {report['layers']} layers, {report['dtype']}, "
              f"{report['weight_gb']:.2f} GB, {report['threads']} threads, torch {report['torch']})",
              f"memory bandwidth {report['bandwidth_gbs']:.1f} GB/s -> decode roofline "
-             f"{report['roofline_decode_tok_s']:.1f} tok/s; peak RSS {report['peak_rss_gb']:.2f} GB", ""]
+             f"{report['roofline_decode_tok_s']:.1f} tok/s; peak RSS {report['peak_rss_gb']:.2f} GB",
+             f"prefill {report['prompt_tokens']} tokens; decode {report['new_tokens']} tokens per row after "
+             f"{report.get('decode_context', 16)}", ""]
     header = f"{'engine':<20}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
@@ -299,7 +321,7 @@ def main(args: Any) -> None:
         return
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
                        prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                       quantize=methods, compile=args.compile)
+                       quantize=methods, compile=args.compile, context=args.context)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)

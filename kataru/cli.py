@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["transformers"], help="run transformers on the same weights too")
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode steps")
     bench.add_argument("--threads", type=int)
     bench.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")

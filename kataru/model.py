@@ -88,6 +88,17 @@ class KVCache(nn.Module):
         return self.k[index, :, :end], self.v[index, :, :end]
 
 
+    def attend(self, start: Tensor, q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None,
+               window: int | None) -> Tensor:
+        """One decode step on the CPU kernel: write each row's new key and value at its slot, then attend over
+        the row's slots in place (no gathered copy of the cache). Returns float32 [B, H, D]."""
+        b = k.shape[0]
+        row_ids = torch.arange(b) if rows is None else rows
+        self.k[row_ids, :, start] = k[:, :, 0]
+        self.v[row_ids, :, start] = v[:, :, 0]
+        return kernels.decode_attention(q[:, :, 0], self.k, self.v, row_ids, start, window)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -173,6 +184,9 @@ class Attention(nn.Module):
             k = apply_rotary(k, rope[2], rope[3])
         if start is not None:
             assert self.kv_cache is not None, "call setup_caches() before decoding with a cache"
+            if isinstance(start, Tensor) and t == 1 and kernels.attention_applicable(self.kv_cache.k, c.head_dim):
+                y = self.kv_cache.attend(start, q, k, v, rows, c.sliding_window)  # [B, H, D]
+                return self.wo(y.to(x.dtype).view(b, 1, c.q_size))
             k, v = self.kv_cache.update(start, k, v, rows, span)
         gqa = c.n_kv_head != c.n_head
         if mask is None:  # a fresh causal sequence, or one-token decode over all filled slots

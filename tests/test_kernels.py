@@ -210,3 +210,61 @@ def test_prefill_dequantizes_the_tiles_to_the_very_weights_decoding_uses() -> No
     assert torch.equal(kernels.dequantize_int8_tiled(kernels.tile_int8(q), scales), expected)
     _, packed, scale_min, _, w = int4_operands(1, 512, 32, 128)
     assert torch.equal(kernels.dequantize_int4(packed, scale_min, 128).double(), w.float().double())
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                        window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 attention of each row's query over its visible slots, and each (row, head)'s max|v|."""
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    out, vmax = [], []
+    for b in range(q.shape[0]):
+        first = 0 if window is None else max(0, int(slots[b]) - window + 1)
+        kb = k[rows[b], :, first:int(slots[b]) + 1].double().repeat_interleave(group, 0)
+        vb = v[rows[b], :, first:int(slots[b]) + 1].double().repeat_interleave(group, 0)
+        scores = (q[b].double()[:, None, :] @ kb.transpose(-1, -2))[:, 0] / q.shape[-1] ** 0.5
+        out.append((scores.softmax(-1)[:, None, :] @ vb)[:, 0])
+        vmax.append(vb.abs().amax(dim=(1, 2)).reshape(heads, 1))
+    return torch.stack(out), torch.stack(vmax)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(4, 4, 16, None), (8, 2, 80, None), (4, 2, 64, 5),
+                                                       (2, 1, 128, None)])
+def test_decode_attention_is_within_float32_rounding(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+                                                     window: int | None) -> None:
+    """Rows read their own cache rows in place, up to their own slot (slot 0 sees one key), GQA, a window.
+
+    A score errs by at most dim float32 roundings of sum|q k| / sqrt(dim) (call it e); exp's polynomial adds
+    2e-7 relative, so every weight is off by a relative e + 3e-7 at most, which moves a convex combination of
+    values by at most twice that times max|v|; summing n weighted values adds n + 2 roundings of max|v|."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(5, kv_heads, 40, dim, generator=g).to(dtype)
+    v = torch.randn(5, kv_heads, 40, dim, generator=g).to(dtype)
+    q = torch.randn(4, heads, dim, generator=g).to(dtype)
+    rows, slots = torch.tensor([3, 0, 4, 1]), torch.tensor([10, 0, 39, 25])
+    got = kernels.decode_attention(q, k, v, rows, slots, window).double()
+    exact, vmax = reference_attention(q, k, v, rows, slots, window)
+    scores_err = dim * 2**-24 * (q.double().abs().sum(-1, keepdim=True) * k.double().abs().max()) / dim**0.5
+    bound = (2 * (scores_err + 3e-7) + 42 * 2**-24) * vmax
+    assert ((got - exact).abs() <= bound).all()
+
+
+@needs_kernel
+def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(checkpoints: dict) -> None:
+    """The model's one-token step with per-row slots (the engine's) gives SDPA's logits within float32 noise,
+    for rows of different lengths in a shared cache."""
+    import kataru
+
+    model = kataru.load(checkpoints["llama"][0], dtype="float32").model
+    model.setup_caches(3, 64)
+    torch.manual_seed(0)
+    for row, length in enumerate((7, 20, 3)):
+        model(torch.randint(3, 100, (1, length)), start=0, rows=torch.tensor([row]))
+    tokens, slots, rows = torch.randint(3, 100, (3, 1)), torch.tensor([7, 20, 3]), torch.tensor([0, 1, 2])
+    with torch.inference_mode():
+        assert kernels.attention_applicable(model.layers[0].attention.kv_cache.k, model.config.head_dim)
+        fast = model(tokens, start=slots, rows=rows, span=21)
+        with kernels.disabled():
+            sdpa = model(tokens, start=slots, rows=rows, span=21)
+    assert torch.allclose(fast, sdpa, atol=1e-4, rtol=0) and not torch.equal(fast, sdpa)

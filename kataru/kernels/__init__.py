@@ -1,5 +1,5 @@
-"""Matmul kernels for CPU decoding (bf16, int8 and 4-bit weights), compiled on first use with the system's C
-compiler.
+"""CPU kernels for decoding, compiled on first use with the system's C compiler: matmuls for bf16, int8 and
+4-bit weights (`linear.c`) and one-query attention over the KV cache (`attention.c`).
 
 On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 matmul for a few rows streams
 the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("linear.c")
+SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("attention.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "off": disabled() depth
@@ -45,11 +45,12 @@ def supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def build(source: Path = SOURCE) -> Path:
-    """The shared library for `source`, compiled once into the cache (atomically: a temp file, then rename)."""
+def build(sources: tuple[Path, ...] = SOURCES) -> Path:
+    """The shared library for `sources`, compiled once into the cache (atomically: a temp file, then rename)."""
     compiler = os.environ.get("CC") or "cc"
-    digest = hashlib.sha256(source.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{digest}.so"
+    text = b"".join(source.read_bytes() for source in sources)
+    digest = hashlib.sha256(text + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kataru-{digest}.so"
     if target.exists():
         return target
     if shutil.which(compiler) is None:
@@ -58,7 +59,7 @@ def build(source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+        run = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {run.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
@@ -84,6 +85,9 @@ def library() -> ctypes.CDLL | None:
                 lib.kataru_linear_int4.argtypes = [*[pointer] * 4, *[size] * 4, threads]
                 lib.kataru_dequantize_int8_tiled.argtypes = [*[pointer] * 3, *[size] * 2, threads]
                 lib.kataru_dequantize_int4.argtypes = [*[pointer] * 3, *[size] * 3, threads]
+                lib.kataru_decode_attention.argtypes = [*[pointer] * 6, *[size] * 6, ctypes.c_float, ctypes.c_int,
+                                                        threads]
+                lib.kataru_decode_attention.restype = None
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
                            lib.kataru_linear_int4, lib.kataru_dequantize_int8_tiled, lib.kataru_dequantize_int4):
                     fn.restype = None
@@ -230,6 +234,32 @@ def dequantize_int4(packed: Tensor, scale_min: Tensor, group_size: int) -> Tenso
     out = torch.empty(n, k, dtype=torch.float32)
     lib.kataru_dequantize_int4(packed.data_ptr(), scale_min.data_ptr(), out.data_ptr(), k, n, group_size,
                                torch.get_num_threads())
+    return out
+
+
+def attention_applicable(cache: Tensor, head_dim: int) -> bool:
+    """Whether one-token decode attention over this CPU cache can run on `decode_attention`."""
+    return (cache.device.type == "cpu" and cache.dtype in (torch.bfloat16, torch.float32) and head_dim % 8 == 0
+            and not torch.is_grad_enabled() and applicable(cache))
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor,
+                     window: int | None = None) -> Tensor:
+    """Softmax(q k^T / sqrt(d)) v for one query per row, read in place from the cache [R, Hkv, S, D].
+
+    q [B, H, D]; row b uses cache row rows[b] and sees slots up to slots[b] (the last `window` of them with a
+    sliding window). Returns float32 [B, H, D]; heads share kv heads in groups of H / Hkv.
+    """
+    lib = library()
+    assert lib is not None, "decode_attention called where the kernels are unavailable"
+    b, h, d = q.shape
+    _, h_kv, s, _ = k_cache.shape
+    qf = q.float().contiguous()
+    rows, slots = rows.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    lib.kataru_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr(),
+                                slots.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, window or 0, d**-0.5,
+                                int(k_cache.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
