@@ -76,9 +76,7 @@ class KVCache(nn.Module):
         b, _, t, _ = k.shape
         index = slice(0, b) if rows is None else rows
         if isinstance(start, Tensor):
-            row_ids = torch.arange(b, device=k.device) if rows is None else rows
-            self.k[row_ids, :, start] = k[:, :, 0]
-            self.v[row_ids, :, start] = v[:, :, 0]
+            self.write_slots(start, k, v, rows)
             assert span is not None, "a tensor start needs its span"
             end = span
         else:
@@ -87,16 +85,19 @@ class KVCache(nn.Module):
             self.v[index, :, start:end] = v
         return self.k[index, :, :end], self.v[index, :, :end]
 
+    def write_slots(self, slots: Tensor, k: Tensor, v: Tensor, rows: Tensor | None) -> Tensor:
+        """Write one token per row at its own slot; returns the cache rows written."""
+        row_ids = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k[row_ids, :, slots] = k[:, :, 0]
+        self.v[row_ids, :, slots] = v[:, :, 0]
+        return row_ids
 
-    def attend(self, start: Tensor, q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None,
+    def attend(self, slots: Tensor, q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None,
                window: int | None) -> Tensor:
         """One decode step on the CPU kernel: write each row's new key and value at its slot, then attend over
         the row's slots in place (no gathered copy of the cache). Returns float32 [B, H, D]."""
-        b = k.shape[0]
-        row_ids = torch.arange(b) if rows is None else rows
-        self.k[row_ids, :, start] = k[:, :, 0]
-        self.v[row_ids, :, start] = v[:, :, 0]
-        return kernels.decode_attention(q[:, :, 0], self.k, self.v, row_ids, start, window)
+        row_ids = self.write_slots(slots, k, v, rows)
+        return kernels.decode_attention(q[:, :, 0], self.k, self.v, row_ids, slots, window)
 
 
 class RMSNorm(nn.Module):

@@ -44,6 +44,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
         self.plain: Tensor | None = None  # [out, in] for torch's kernel, made once where that kernel runs
+        self.scales32: Tensor | None = None  # the scales as the CPU kernel reads them, made once
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -57,6 +58,11 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
+    def _scales32(self) -> Tensor:
+        if self.scales32 is None:
+            self.scales32 = self.scales.float()
+        return self.scales32
+
     def plain_weight(self) -> Tensor:
         """The int8 values as [out, in]."""
         return kernels.untile_int8(self.weight) if self.tiled else self.weight
@@ -66,12 +72,12 @@ class Int8Linear(nn.Module):
         rows = x.numel() // shape[-1]
         cpu = x.device.type == "cpu"
         if cpu and rows < Linear.upcast_rows and kernels.applicable(self.weight):
-            return kernels.linear_int8(x, self.weight, self.scales.float(), self.bias, tiled=self.tiled)
+            return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, tiled=self.tiled)
         # prefill on CPU: dequantize once, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
         # several rows of a width that is not a multiple of 8, torch 2.13)
         if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8):
             if self.tiled and kernels.applicable(self.weight):
-                weight = kernels.dequantize_int8_tiled(self.weight, self.scales.float())
+                weight = kernels.dequantize_int8_tiled(self.weight, self._scales32())
             else:
                 weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("attention.c"))
+HEADER = Path(__file__).with_name("simd.h")  # included by both
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "off": disabled() depth
@@ -48,7 +49,7 @@ def supported() -> bool:
 def build(sources: tuple[Path, ...] = SOURCES) -> Path:
     """The shared library for `sources`, compiled once into the cache (atomically: a temp file, then rename)."""
     compiler = os.environ.get("CC") or "cc"
-    text = b"".join(source.read_bytes() for source in sources)
+    text = b"".join(source.read_bytes() for source in (*sources, HEADER))
     digest = hashlib.sha256(text + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kataru-{digest}.so"
     if target.exists():

@@ -11,17 +11,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline __m256 load8(const void *p, int64_t i, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+#include "simd.h"
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+static inline __m256 load8_of(const void *p, int64_t i, int bf16) {
+    return bf16 ? load8((const uint16_t *)p, i) : _mm256_loadu_ps((const float *)p + i);
 }
 
 /* e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
@@ -49,7 +42,7 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i++) {
         __m256 w = _mm256_set1_ps(p[i]);
-        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, load8(v, i * D + d + 8 * c, bf16), acc[c]);
+        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, load8_of(v, i * D + d + 8 * c, bf16), acc[c]);
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
@@ -80,7 +73,7 @@ void kataru_decode_attention(const float *q, const void *k, const void *v, const
             for (int64_t j = 0; j < n; j++) {
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8(kb, j * D + d, bf16), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8_of(kb, j * D + d, bf16), acc);
                 scores[j] = hsum(acc) * scale;
                 best = scores[j] > best ? scores[j] : best;
             }

@@ -24,34 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 #define QB 64 /* input block for int8 and int4 */
-
-static inline float bf16_to_float(uint16_t v) {
-    union { uint32_t i; float f; } c;
-    c.i = (uint32_t)v << 16;
-    return c.f;
-}
-
-/* eight bf16 weights at element offset i, as float32 */
-static inline __m256 load8(const uint16_t *w, int64_t i) {
-    __m128i h = _mm_loadu_si128((const __m128i *)(w + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* Input rows in int8 blocks: x [M, K] ≈ q * d per block of QB (the last one may be shorter), with the exact
  * float sum of each block (the 4-bit minimum term needs it). Per thread, grown on demand: calls from
@@ -212,14 +188,8 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
     if (kind != BF16) in = quantize_rows(x, M, K);
     #pragma omp parallel num_threads(threads)
     {
-        int64_t t = 0, T = 1;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        int64_t chunk = (N + T - 1) / T, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        int64_t n0, n1;
+        thread_share(N, &n0, &n1);
         int wide = M == 1 ? 4 : 2;
         for (int64_t n = n0; n < n1;) {
             int R = n + wide <= n1 ? wide : 1;
@@ -323,14 +293,8 @@ static inline __attribute__((always_inline)) void linear_tiled(const float *x, c
     Quantized in = quantize_rows(x, M, K);
     #pragma omp parallel num_threads(threads)
     {
-        int64_t t = 0, T = 1;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        int64_t tiles = N / 8, chunk = (tiles + T - 1) / T, t0 = t * chunk, t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
+        int64_t t0, t1;
+        thread_share(N / 8, &t0, &t1);
         for (int64_t tile = t0; tile < t1; tile++)
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 Quantized part = {in.q + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks, in.blocks};

@@ -1,0 +1,44 @@
+/* Helpers the kernels share: bf16 loads, horizontal reductions, each OpenMP thread's share of a range. */
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t i; float f; } c;
+    c.i = (uint32_t)v << 16;
+    return c.f;
+}
+
+/* eight bf16 values at element offset i, as float32 */
+static inline __m256 load8(const uint16_t *w, int64_t i) {
+    __m128i h = _mm_loadu_si128((const __m128i *)(w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* [*first, *end): the calling thread's contiguous share of count items, inside an OpenMP parallel region */
+static inline void thread_share(int64_t count, int64_t *first, int64_t *end) {
+    int64_t t = 0, T = 1;
+#ifdef _OPENMP
+    extern int omp_get_thread_num(void);
+    extern int omp_get_num_threads(void);
+    t = omp_get_thread_num();
+    T = omp_get_num_threads();
+#endif
+    int64_t chunk = (count + T - 1) / T;
+    *first = t * chunk < count ? t * chunk : count;
+    *end = *first + chunk < count ? *first + chunk : count;
+}
