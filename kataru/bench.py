@@ -226,7 +226,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
 
     results = [measure("kataru", model)]
     kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
-    if kernel:  # the same engine on torch's bf16 matmul: what the kernel adds, in the same run
+    if kernel:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add, in the same run
         with kernels.disabled():
             results.append(measure("kataru torch mm", model))
     if compile:

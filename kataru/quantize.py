@@ -172,7 +172,7 @@ class Int4Linear(nn.Module):
             return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
         packed = self._torch_packed(x.device)
         sz = self.scales_and_zeros.to(flat.dtype)
-        if x.device.type == "cpu":
+        if cpu:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
         else:
             y = torch.ops.aten._weight_int4pack_mm(flat, packed, self.group_size, sz)
@@ -181,8 +181,9 @@ class Int4Linear(nn.Module):
 
 
 def _int4_fits(linear: nn.Linear, method: str) -> bool:
-    """The int4 kernels need out_features % 16 == 0 and in_features % 64 == 0; other layers get int8."""
-    return method == "int4" and linear.out_features % 16 == 0 and linear.in_features % 64 == 0
+    """kataru's tiles and torch's int4 kernels (out_features % 16 == 0) must both fit; other layers get int8."""
+    return method == "int4" and kernels.tiles_fit(linear.out_features, linear.in_features) and \
+        linear.out_features % 16 == 0
 
 
 def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool = True) -> nn.Module:

@@ -110,6 +110,13 @@ def applicable(weight: Tensor) -> bool:
     return weight.is_contiguous() and not torch.compiler.is_compiling() and available()
 
 
+def _loaded(caller: str) -> ctypes.CDLL:
+    """The library, for callers that checked `applicable` first."""
+    lib = library()
+    assert lib is not None, f"{caller} called where the kernels are unavailable"
+    return lib
+
+
 def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k).float().contiguous()
 
@@ -126,8 +133,7 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
     The caller checks `applicable(weight)` and that no gradient is wanted.
     """
-    lib = library()
-    assert lib is not None, "linear_bf16 called where the kernels are unavailable"
+    lib = _loaded("linear_bf16")
     n, k = weight.shape
     rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
@@ -164,8 +170,7 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None =
     Each input row is quantized to int8 in blocks of 64 values (step max|x_block| / 127), as llama.cpp's
     Q8_0 does, and the products are summed exactly in int32 per block.
     """
-    lib = library()
-    assert lib is not None, "linear_int8 called where the kernels are unavailable"
+    lib = _loaded("linear_int8")
     n, k = (weight.shape[0] * TILE, weight.shape[1] // TILE) if tiled else weight.shape
     rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
@@ -206,8 +211,7 @@ def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, b
     Input rows are quantized to int8 blocks as in `linear_int8`; each group's minimum meets the exact float
     sum of the input block.
     """
-    lib = library()
-    assert lib is not None, "linear_int4 called where the kernels are unavailable"
+    lib = _loaded("linear_int4")
     n, k = packed.shape[0] * TILE, packed.shape[1] // 4
     rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
@@ -218,8 +222,7 @@ def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, b
 
 def dequantize_int8_tiled(weight: Tensor, scales: Tensor) -> Tensor:
     """float32 [N, K] from `tile_int8` values and float32 scales, in one pass."""
-    lib = library()
-    assert lib is not None, "dequantize_int8_tiled called where the kernels are unavailable"
+    lib = _loaded("dequantize_int8_tiled")
     n, k = weight.shape[0] * TILE, weight.shape[1] // TILE
     out = torch.empty(n, k, dtype=torch.float32)
     lib.kataru_dequantize_int8_tiled(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), k, n,
@@ -229,8 +232,7 @@ def dequantize_int8_tiled(weight: Tensor, scales: Tensor) -> Tensor:
 
 def dequantize_int4(packed: Tensor, scale_min: Tensor, group_size: int) -> Tensor:
     """float32 [N, K] from `pack_int4` values and `int4_scale_min`, in one pass."""
-    lib = library()
-    assert lib is not None, "dequantize_int4 called where the kernels are unavailable"
+    lib = _loaded("dequantize_int4")
     n, k = packed.shape[0] * TILE, packed.shape[1] // 4
     out = torch.empty(n, k, dtype=torch.float32)
     lib.kataru_dequantize_int4(packed.data_ptr(), scale_min.data_ptr(), out.data_ptr(), k, n, group_size,
@@ -251,8 +253,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, 
     q [B, H, D]; row b uses cache row rows[b] and sees slots up to slots[b] (the last `window` of them with a
     sliding window). Returns float32 [B, H, D]; heads share kv heads in groups of H / Hkv.
     """
-    lib = library()
-    assert lib is not None, "decode_attention called where the kernels are unavailable"
+    lib = _loaded("decode_attention")
     b, h, d = q.shape
     _, h_kv, s, _ = k_cache.shape
     qf = q.float().contiguous()
@@ -266,7 +267,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """torch's matmul instead of the kernel inside the block (benchmarks compare the two)."""
+    """torch's matmuls and SDPA instead of the kernels inside the block (benchmarks compare the two)."""
     depth = int(_state.get("off", 0))  # type: ignore[call-overload]
     _state["off"] = depth + 1
     try:
