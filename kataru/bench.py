@@ -229,16 +229,20 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     if kernel:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add, in the same run
         with kernels.disabled():
             results.append(measure("kataru torch mm", model))
-    if compile:
-        from kataru.engine import compiled_decode
+    from kataru.engine import compiled_decode
 
+    if compile:
         results.append(measure("kataru compiled", model, compiled_decode(model)))
     from kataru.quantize import quantize as quantize_model
 
     for method in quantize or []:
         quantized = quantize_model(model, method, inplace=False)
-        results.append(measure(f"kataru {method}", quantized))
-        results[-1].roofline_fraction = None  # the roofline above is for the unquantized weights
+        rows = [measure(f"kataru {method}", quantized)]
+        if compile:
+            rows.append(measure(f"kataru {method} compiled", quantized, compiled_decode(quantized)))
+        for row in rows:
+            row.roofline_fraction = None  # the roofline above is for the unquantized weights
+        results += rows
         del quantized
     if reference is not None:
         time_transformers(reference, 16, 2, 1)

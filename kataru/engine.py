@@ -12,8 +12,9 @@ whose prompt starts with those tokens (the next turn of a chat, a shared system 
 and prefills only the rest.
 
 With compile=True the one-token decode step runs through `torch.compile` (the key length is dynamic,
-so it compiles once for batch 1 and once for larger batches per KV-cache shape, not per length); when
-the compiler is unavailable or fails, the engine says so once on stderr and keeps decoding eagerly.
+so it compiles once for batch 1 and once for larger batches per KV-cache shape, not per length), with
+kataru's CPU kernels inside the graph as torch operators; when the compiler is unavailable or fails, the
+engine says so once on stderr and keeps decoding eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kataru import kernels
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, Step, check_context, pick_token, sampling_generator, seen_tokens
 from kataru.model import Transformer
@@ -239,6 +241,7 @@ class Engine:
 
 def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
     """model's forward for one-token steps through torch.compile, falling back to eager on any failure."""
+    kernels.library()  # built and loaded now: a compiled graph calls the kernels as torch operators
     try:
         compiled = torch.compile(model, dynamic=True)
     except Exception as err:  # torch built without dynamo, unsupported Python, ...

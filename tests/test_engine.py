@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kataru
+from kataru import kernels
 from kataru.engine import Engine
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, decode_steps
@@ -101,13 +102,39 @@ def test_async_stream(checkpoints: dict) -> None:
     assert asyncio.run(main()) == [alone(llm, p, params) for p in ps]
 
 
-def test_compiled_decode_step_matches_eager(checkpoints: dict) -> None:
-    """torch.compile'd one-token steps (dynamic batch and key length) give the eager engine's tokens."""
-    llm = kataru.load(checkpoints["llama"][0], dtype="float32", compile=True)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_step_matches_eager(checkpoints: dict, quantize: str | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile'd one-token steps (dynamic batch and key length) give the eager engine's tokens, in one
+    graph that keeps kataru's CPU kernels (as torch operators) where they run."""
+    from torch._dynamo.utils import counters
+
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32", quantize=quantize, compile=True)
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (10, 6, 9)]
     ps = prompts(llm.config.vocab_size, [4, 13, 8])
     expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
-    engine = Engine(llm.model, llm.eos_ids, max_batch=3, decode=llm.decode)
+
+    inside, calls = {"decode": False}, {"_linear_int8": 0, "_decode_attention": 0}
+    def counting(name: str):  # type: ignore[no-untyped-def]
+        kernel = getattr(kernels, name)
+
+        def counted(*args):  # type: ignore[no-untyped-def]
+            calls[name] += inside["decode"]
+            return kernel(*args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counting(name))
+
+    def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inside["decode"] = True
+        try:
+            return llm.decode(*args, **kwargs)
+        finally:
+            inside["decode"] = False
+
+    counters.clear()
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3, decode=decode)
     first = engine.submit(ps[0], params[0])
     engine.step()
     engine.step()
@@ -115,6 +142,10 @@ def test_compiled_decode_step_matches_eager(checkpoints: dict) -> None:
     engine.run()
     assert [r.tokens for r in [first, *rest]] == expected
     assert llm.decode is not llm.model
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if kernels.available():
+        assert calls["_decode_attention"] > 0
+        assert calls["_linear_int8"] > 0 if quantize else calls["_linear_int8"] == 0
 
 
 def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, monkeypatch: pytest.MonkeyPatch,

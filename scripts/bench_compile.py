@@ -1,0 +1,60 @@
+"""Eager against torch.compile'd decode steps on one engine, alternating blocks of steps so that both see the
+same machine load (this shared machine swings 20-40% between minutes; `kataru bench` measures rows one
+after the other). Prints each mode's median ms per step and the ratio.
+
+usage: .venv/bin/python scripts/bench_compile.py [--shape llm-jp-3.1-1.8b] [--layers N] [--quantize int8|int4]
+                                                 [--batch 1] [--rounds 6] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kataru.bench import build_shape
+from kataru.engine import Engine, compiled_decode
+from kataru.generation import SamplingParams
+from kataru.quantize import quantize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5, help="decode steps per block")
+    args = parser.parse_args()
+    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
+    if args.quantize:
+        model = quantize(model, args.quantize)
+    compiled = compiled_decode(model)
+    new_tokens = 2 * args.rounds * args.steps + 8
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + new_tokens, decode=compiled)
+    for _ in range(args.batch):
+        engine.submit(list(range(5, 37)), params)
+    start = time.perf_counter()
+    for _ in range(3):  # prefill, then the compilation and its first runs
+        engine.step()
+    print(f"prefill and compilation: {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(args.rounds):
+        for mode, fn in (("eager", model), ("compiled", compiled)):
+            engine.decode_fn = fn
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            times[mode].append((time.perf_counter() - start) / args.steps * 1e3)
+    eager, comp = (statistics.median(times[m]) for m in ("eager", "compiled"))
+    label = " ".join([args.shape, *([f"{args.layers} layers"] if args.layers else []), args.quantize or "bf16"])
+    print(f"{label}, batch {args.batch}, {torch.get_num_threads()} threads: eager {eager:.1f} ms/step, "
+          f"compiled {comp:.1f} ms/step, {eager / comp:.2f}x (medians of {args.rounds} blocks of {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
