@@ -92,12 +92,16 @@ class KVCache(nn.Module):
         self.v[row_ids, :, slots] = v[:, :, 0]
         return row_ids
 
-    def attend(self, slots: Tensor, q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None,
+    def attend(self, slots: Tensor, qkv: Tensor, rope: Tensor | None, rows: Tensor | None, n_head: int,
                window: int | None) -> Tensor:
-        """One decode step on the CPU kernel: write each row's new key and value at its slot, then attend over
-        the row's slots in place (no gathered copy of the cache). Returns float32 [B, H, D]."""
-        row_ids = self.write_slots(slots, k, v, rows)
-        return kernels.decode_attention(q[:, :, 0], self.k, self.v, row_ids, slots, window)
+        """One decode step on the CPU kernel, from the fused projection qkv [B, 1, W]: rotate and write each
+        row's new key and value at its slot, then attend over the row's slots in place (no gathered copy of
+        the cache). Returns [B, 1, n_head * D]."""
+        b = qkv.shape[0]
+        row_ids = torch.arange(b) if rows is None else rows
+        tables = None if rope is None else rope.view(4, b, -1)
+        return kernels.decode_attention(qkv.view(b, -1), tables, self.k, self.v, row_ids, slots, n_head,
+                                        window).view(b, 1, -1)
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +180,13 @@ class Attention(nn.Module):
                 rows: Tensor | None = None, span: int | None = None) -> Tensor:
         c = self.config
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        qkv = self.wqkv(x)
+        cache = self.kv_cache
+        if (isinstance(start, Tensor) and t == 1 and cache is not None
+                and kernels.attention_applicable(cache.k, x.dtype, c.head_dim)):
+            rope = rope if c.rotary_dim else None
+            return self.wo(cache.attend(start, qkv, rope, rows, c.n_head, c.sliding_window))
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
         v = v.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
@@ -185,9 +195,6 @@ class Attention(nn.Module):
             k = apply_rotary(k, rope[2], rope[3])
         if start is not None:
             assert self.kv_cache is not None, "call setup_caches() before decoding with a cache"
-            if isinstance(start, Tensor) and t == 1 and kernels.attention_applicable(self.kv_cache.k, c.head_dim):
-                y = self.kv_cache.attend(start, q, k, v, rows, c.sliding_window)  # [B, H, D]
-                return self.wo(y.to(x.dtype).view(b, 1, c.q_size))
             k, v = self.kv_cache.update(start, k, v, rows, span)
         gqa = c.n_kv_head != c.n_head
         if mask is None:  # a fresh causal sequence, or one-token decode over all filled slots

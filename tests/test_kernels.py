@@ -160,6 +160,26 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch() -> None:
 
 
 @needs_kernel
+def test_activations_in_any_type_get_the_same_sums_rounded_once() -> None:
+    """Each kernel reads bf16 or float32 inputs and biases and writes the activation type: the float32 call
+    with the same values gives the same float32 sums, so the bf16 result is exactly its one rounding. Other
+    types (float16) go through float32."""
+    x, w, b = operands(3, 2048, 304)
+    _, q, scales, _ = int8_operands(3, 2048, 304)
+    _, packed, scale_min, _, _ = int4_operands(3, 2048, 304, 64)
+    tiled = kernels.tile_int8(q)
+    for fn in (lambda rows, bias: kernels.linear_bf16(rows, w, bias),
+               lambda rows, bias: kernels.linear_int8(rows, q, scales, bias),
+               lambda rows, bias: kernels.linear_int8(rows, tiled, scales, bias, tiled=True),
+               lambda rows, bias: kernels.linear_int4(rows, packed, scale_min, 64, bias)):
+        for bias in (None, b):
+            wide = fn(x.float(), None if bias is None else bias.float())
+            assert wide.dtype == torch.float32 and torch.equal(fn(x, bias), wide.bfloat16())
+            half = fn(x.half(), None if bias is None else bias.half())
+            assert half.dtype == torch.float16 and torch.equal(half, wide.half())
+
+
+@needs_kernel
 def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients() -> None:
     torch.manual_seed(0)
     linear = Linear(64, 48).bfloat16().requires_grad_(False)
@@ -229,25 +249,39 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,dim,window", [(4, 4, 16, None), (8, 2, 80, None), (4, 2, 64, 5),
-                                                       (2, 1, 128, None)])
+@pytest.mark.parametrize("heads,kv_heads,dim,rot,window", [(4, 4, 16, 16, None), (8, 2, 80, 20, None),
+                                                           (4, 2, 64, 64, 5), (2, 1, 128, 0, None)])
 def test_decode_attention_is_within_float32_rounding(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
-                                                     window: int | None) -> None:
-    """Rows read their own cache rows in place, up to their own slot (slot 0 sees one key), GQA, a window.
+                                                     rot: int, window: int | None) -> None:
+    """One decode step from the fused projection: keys rotated (all, part or none of each head; xPos-like
+    separate query and key tables) and written with the values at each row's own slot, bit for bit as torch's
+    ops do; then each query over its row's slots up to its own (slot 0 sees one key), GQA, a window.
 
     A score errs by at most dim float32 roundings of sum|q k| / sqrt(dim) (call it e); exp's polynomial adds
     2e-7 relative, so every weight is off by a relative e + 3e-7 at most, which moves a convex combination of
-    values by at most twice that times max|v|; summing n weighted values adds n + 2 roundings of max|v|."""
+    values by at most twice that times max|v|; summing n weighted values adds n + 2 roundings of max|v|, and
+    the result is rounded once to the activation type."""
+    from kataru.model import apply_rotary
+
     g = torch.Generator().manual_seed(3)
     k = torch.randn(5, kv_heads, 40, dim, generator=g).to(dtype)
     v = torch.randn(5, kv_heads, 40, dim, generator=g).to(dtype)
-    q = torch.randn(4, heads, dim, generator=g).to(dtype)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    rope = torch.randn(4, 4, rot, generator=g).to(dtype) if rot else None
     rows, slots = torch.tensor([3, 0, 4, 1]), torch.tensor([10, 0, 39, 25])
-    got = kernels.decode_attention(q, k, v, rows, slots, window).double()
-    exact, vmax = reference_attention(q, k, v, rows, slots, window)
-    scores_err = dim * 2**-24 * (q.double().abs().sum(-1, keepdim=True) * k.double().abs().max()) / dim**0.5
-    bound = (2 * (scores_err + 3e-7) + 42 * 2**-24) * vmax
-    assert ((got - exact).abs() <= bound).all()
+    k_ref, v_ref = k.clone(), v.clone()
+    got = kernels.decode_attention(qkv, rope, k, v, rows, slots, heads, window)
+
+    q, k_new, v_new = qkv.view(4, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+    if rope is not None:
+        q, k_new = apply_rotary(q, rope[0, :, None], rope[1, :, None]), apply_rotary(k_new, rope[2, :, None],
+                                                                                       rope[3, :, None])
+    k_ref[rows, :, slots], v_ref[rows, :, slots] = k_new, v_new
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    exact, vmax = reference_attention(q, k_ref, v_ref, rows, slots, window)
+    scores_err = dim * 2**-24 * (q.double().abs().sum(-1, keepdim=True) * k_ref.double().abs().max()) / dim**0.5
+    bound = (2 * (scores_err + 3e-7) + 42 * 2**-24) * vmax + exact.abs() * (2**-8 if dtype == torch.bfloat16 else 0)
+    assert got.dtype == dtype and ((got.view(4, heads, dim).double() - exact).abs() <= bound).all()
 
 
 @needs_kernel
@@ -263,7 +297,8 @@ def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(checkpoints
         model(torch.randint(3, 100, (1, length)), start=0, rows=torch.tensor([row]))
     tokens, slots, rows = torch.randint(3, 100, (3, 1)), torch.tensor([7, 20, 3]), torch.tensor([0, 1, 2])
     with torch.inference_mode():
-        assert kernels.attention_applicable(model.layers[0].attention.kv_cache.k, model.config.head_dim)
+        assert kernels.attention_applicable(model.layers[0].attention.kv_cache.k, torch.float32,
+                                            model.config.head_dim)
         fast = model(tokens, start=slots, rows=rows, span=21)
         with kernels.disabled():
             sdpa = model(tokens, start=slots, rows=rows, span=21)

@@ -30,8 +30,9 @@ from torch import Tensor
 
 SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("attention.c"))
 HEADER = Path(__file__).with_name("simd.h")  # included by both
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")  # FMA only where written
 
+ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "off": disabled() depth
 
 
@@ -81,14 +82,15 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(build()))
                 pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                lib.kataru_linear_bf16.argtypes = [*[pointer] * 3, *[size] * 3, threads]
-                lib.kataru_linear_int8.argtypes = [*[pointer] * 4, *[size] * 3, threads]
-                lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 4, *[size] * 3, threads]
-                lib.kataru_linear_int4.argtypes = [*[pointer] * 4, *[size] * 4, threads]
+                flag = ctypes.c_int
+                lib.kataru_linear_bf16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
+                lib.kataru_linear_int8.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
+                lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
+                lib.kataru_linear_int4.argtypes = [*[pointer] * 5, *[size] * 4, flag, threads]
                 lib.kataru_dequantize_int8_tiled.argtypes = [*[pointer] * 3, *[size] * 2, threads]
                 lib.kataru_dequantize_int4.argtypes = [*[pointer] * 3, *[size] * 3, threads]
-                lib.kataru_decode_attention.argtypes = [*[pointer] * 6, *[size] * 6, ctypes.c_float, ctypes.c_int,
-                                                        threads]
+                lib.kataru_decode_attention.argtypes = [*[pointer] * 2, size, *[pointer] * 5, *[size] * 6,
+                                                        ctypes.c_float, flag, flag, threads]
                 lib.kataru_decode_attention.restype = None
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
                            lib.kataru_linear_int4, lib.kataru_dequantize_int8_tiled, lib.kataru_dequantize_int4):
@@ -120,15 +122,21 @@ def _loaded(caller: str) -> ctypes.CDLL:
     return lib
 
 
-def _rows(x: Tensor, k: int) -> Tensor:
-    return x.reshape(-1, k).float().contiguous()
+def _io(x: Tensor, n: int, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """(input rows [M, K], the output [M, n] to fill, the bias, bf16 flag), all in one activation type: x's
+    where the kernels take it, else float32."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = (rows if rows.dtype in ACTIVATIONS else rows.float()).contiguous()
+    bias = None if bias is None else bias.to(rows.dtype).contiguous()
+    return rows, torch.empty(rows.shape[0], n, dtype=rows.dtype), bias, int(rows.dtype == torch.bfloat16)
 
 
-def _output(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """The float32 result with the bias, rounded once to x's dtype and shaped like x."""
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+def _pointer(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _shaped(y: Tensor, x: Tensor) -> Tensor:
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -138,11 +146,10 @@ def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """
     lib = _loaded("linear_bf16")
     n, k = weight.shape
-    rows = _rows(x, k)
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    lib.kataru_linear_bf16(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), rows.shape[0], k, n,
+    rows, y, bias, bf16 = _io(x, n, bias)
+    lib.kataru_linear_bf16(rows.data_ptr(), weight.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k, n, bf16,
                            torch.get_num_threads())
-    return _output(y, bias, x)
+    return _shaped(y, x)
 
 
 TILE = 8  # output rows interleaved in linear.c's tiled layouts (int8 and 4-bit)
@@ -175,12 +182,11 @@ def _linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None 
     """
     lib = _loaded("linear_int8")
     n, k = (weight.shape[0] * TILE, weight.shape[1] // TILE) if tiled else weight.shape
-    rows = _rows(x, k)
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    rows, y, bias, bf16 = _io(x, n, bias)
     fn = lib.kataru_linear_int8_tiled if tiled else lib.kataru_linear_int8
-    fn(rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows.shape[0], k, n,
+    fn(rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k, n, bf16,
        torch.get_num_threads())
-    return _output(y, bias, x)
+    return _shaped(y, x)
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -216,11 +222,10 @@ def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, 
     """
     lib = _loaded("linear_int4")
     n, k = packed.shape[0] * TILE, packed.shape[1] // 4
-    rows = _rows(x, k)
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), y.data_ptr(), rows.shape[0], k,
-                           n, group_size, torch.get_num_threads())
-    return _output(y, bias, x)
+    rows, y, bias, bf16 = _io(x, n, bias)
+    lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), _pointer(bias), y.data_ptr(),
+                           rows.shape[0], k, n, group_size, bf16, torch.get_num_threads())
+    return _shaped(y, x)
 
 
 def dequantize_int8_tiled(weight: Tensor, scales: Tensor) -> Tensor:
@@ -243,27 +248,35 @@ def dequantize_int4(packed: Tensor, scale_min: Tensor, group_size: int) -> Tenso
     return out
 
 
-def attention_applicable(cache: Tensor, head_dim: int) -> bool:
-    """Whether one-token decode attention over this CPU cache can run on `decode_attention`."""
-    return (cache.device.type == "cpu" and cache.dtype in (torch.bfloat16, torch.float32) and head_dim % 8 == 0
-            and not torch.is_grad_enabled() and applicable(cache))
+def attention_applicable(cache: Tensor, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a one-token decode step with activations of `dtype` can attend over this CPU cache on
+    `decode_attention`."""
+    return (cache.device.type == "cpu" and cache.dtype in ACTIVATIONS and dtype in ACTIVATIONS
+            and head_dim % 8 == 0 and head_dim <= 512 and not torch.is_grad_enabled() and applicable(cache))
 
 
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor,
-                     window: int | None = None) -> Tensor:
-    """Softmax(q k^T / sqrt(d)) v for one query per row, read in place from the cache [R, Hkv, S, D].
+def _decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                      slots: Tensor, n_head: int, window: int | None = None) -> Tensor:
+    """One decode step's attention: write each row's new key (with the rotary embedding) and value into the
+    cache [R, Hkv, S, D] at its slot, then softmax(q k^T / sqrt(D)) v for its query, read in place.
 
-    q [B, H, D]; row b uses cache row rows[b] and sees slots up to slots[b] (the last `window` of them with a
-    sliding window). Returns float32 [B, H, D]; heads share kv heads in groups of H / Hkv.
+    qkv [B, (n_head + 2 Hkv) D], the fused projection's output; rope [4, B, rot] the cos and sin tables of
+    queries and keys at each row's position (None: no rotary), in qkv's type. Row b uses cache row rows[b]
+    and sees slots up to slots[b] (the last `window` of them with a sliding window). Returns [B, n_head D] in
+    qkv's type; heads share kv heads in groups of n_head / Hkv. Keys and queries are rotated bit for bit as
+    `model.apply_rotary` does.
     """
     lib = _loaded("decode_attention")
-    b, h, d = q.shape
-    _, h_kv, s, _ = k_cache.shape
-    qf = q.float().contiguous()
+    b = qkv.shape[0]
+    _, h_kv, s, d = k_cache.shape
     rows, slots = rows.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
-    out = torch.empty(b, h, d, dtype=torch.float32)
-    lib.kataru_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr(),
-                                slots.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, window or 0, d**-0.5,
+    qkv = qkv.contiguous()
+    rot = 0 if rope is None else rope.shape[-1]
+    tables = None if rope is None else rope.to(qkv.dtype).contiguous()
+    out = torch.empty(b, n_head * d, dtype=qkv.dtype)
+    lib.kataru_decode_attention(qkv.data_ptr(), 0 if tables is None else tables.data_ptr(), rot, k_cache.data_ptr(),
+                                v_cache.data_ptr(), rows.data_ptr(), slots.data_ptr(), out.data_ptr(), b, n_head,
+                                h_kv, s, d, window or 0, d**-0.5, int(qkv.dtype == torch.bfloat16),
                                 int(k_cache.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
@@ -299,8 +312,10 @@ _define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool 
         lambda x, weight, scales, bias, tiled: x.new_empty(*x.shape[:-1], scales.shape[0]))
 _define("linear_int4(Tensor x, Tensor packed, Tensor scale_min, int group_size, Tensor? bias) -> Tensor",
         lambda x, packed, scale_min, group_size, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * TILE))
-_define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor slots, int? window) -> Tensor",
-        lambda q, k_cache, v_cache, rows, slots, window: q.new_empty(q.shape, dtype=torch.float32))
+_define("decode_attention(Tensor qkv, Tensor? rope, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor slots, "
+        "int n_head, int? window) -> Tensor",
+        lambda qkv, rope, k_cache, v_cache, rows, slots, n_head, window:
+        qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1]))
 
 
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -318,7 +333,7 @@ def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, b
     return op(x, packed, scale_min, group_size, bias)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor,
-                     window: int | None = None) -> Tensor:
+def decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor,
+                     n_head: int, window: int | None = None) -> Tensor:
     op = torch.ops.kataru.decode_attention if torch.compiler.is_compiling() else _decode_attention
-    return op(q, k_cache, v_cache, rows, slots, window)
+    return op(qkv, rope, k_cache, v_cache, rows, slots, n_head, window)

@@ -1,10 +1,13 @@
-/* Decode attention for CPUs with AVX2 + FMA: one query per row against that row's keys and values, read in
- * place from the KV cache [rows, kv_heads, slots, head_dim] (bf16 or float32).
+/* Decode attention for CPUs with AVX2 + FMA: one new token per row. Its keys and values go into the KV cache
+ * [rows, kv_heads, slots, head_dim] (bf16 or float32) at the row's slot, then its query attends over the
+ * row's keys and values read in place.
  *
  * torch's scaled_dot_product_attention for a single query runs far below the memory's speed on this kind of
  * CPU (1.6 ms per layer at 512 keys and 16 heads of 128, where the cache holds 4 MB), and the cache rows of a
  * batch must first be gathered into a new tensor. Here each (row, head) pair reads its keys once for the
- * scores and its values once for the sum, in float32, with a vectorised exp.
+ * scores and its values once for the sum, in float32, with a vectorised exp. Splitting the qkv projection,
+ * the rotary embedding and the cache write happen in the same call: in torch they are some 25 small
+ * operations per layer, each costing more to dispatch than to compute at one token.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -47,16 +50,48 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
     for (int c = 0; c < C; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
 
-/* q float32 [B, H, D]; k, v caches [R, Hkv, S, D]; row b reads cache row rows[b], its query sits at slot
- * slots[b] and sees slots (slot - window, slot] (window 0: all from 0). out float32 [B, H, D]. D % 8 == 0. */
-void kataru_decode_attention(const float *q, const void *k, const void *v, const int64_t *rows, const int64_t *slots,
-                             float *out, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t window,
-                             float scale, int bf16, int threads) {
-    const int64_t group = H / Hkv, esize = bf16 ? 2 : 4;
+/* Head h of a token (D values at element offset at of src) with the rotary embedding on its first rot values,
+ * as torch's x * cos + rotate_half(x) * sin computes it: each product and the sum rounded to the activation
+ * type (this file is built with -ffp-contract=off, so no FMA merges them), the result bit for bit the same. */
+static void rotate(const void *src, int64_t at, const void *cos, const void *sin, int64_t t, int64_t rot, int64_t D,
+                   int bf16, float *dst) {
+    int64_t half = rot / 2;
+    for (int64_t d = 0; d < D; d++) {
+        float x = load1(src, at + d, bf16);
+        if (d < rot) {
+            float other = d < half ? -load1(src, at + d + half, bf16) : load1(src, at + d - half, bf16);
+            float a = x * load1(cos, t + d, bf16), b = other * load1(sin, t + d, bf16);
+            if (bf16) a = bf16_to_float(float_to_bf16(a)), b = bf16_to_float(float_to_bf16(b));
+            x = a + b;
+            if (bf16) x = bf16_to_float(float_to_bf16(x));
+        }
+        dst[d] = x;
+    }
+}
+
+/* qkv [B, (H + 2 Hkv) D]: each row's queries, keys and values; rope [4, B, rot] its cos and sin tables for
+ * queries then keys (xPos scales them apart), ignored when rot is 0; both bf16 when act_bf16, else float32.
+ * k, v caches [R, Hkv, S, D]; row b writes cache row rows[b] at slot slots[b], and its query sees slots
+ * (slot - window, slot] (window 0: all from 0). out [B, H D] in the activation type. D % 8 == 0, D <= 512. */
+void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, void *k, void *v, const int64_t *rows,
+                             const int64_t *slots, void *out, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D,
+                             int64_t window, float scale, int act_bf16, int cache_bf16, int threads) {
+    const int64_t group = H / Hkv, esize = cache_bf16 ? 2 : 4, width = (H + 2 * Hkv) * D;
+    const int64_t table = B * rot * (act_bf16 ? 2 : 4); /* bytes of one of the four tables */
+    const char *cos_q = rope, *sin_q = cos_q + table, *cos_k = sin_q + table, *sin_k = cos_k + table;
     #pragma omp parallel num_threads(threads)
     {
-        float *scores = 0;
+        float *scores = 0, head[512];
         int64_t cap = 0;
+        #pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < B * Hkv; bg++) {
+            int64_t b = bg / Hkv, g = bg % Hkv, at = ((rows[b] * Hkv + g) * S + slots[b]) * D;
+            rotate(qkv, b * width + (H + g) * D, cos_k, sin_k, b * rot, rot, D, act_bf16, head);
+            for (int64_t d = 0; d < D; d++) {
+                store1(k, at + d, head[d], cache_bf16);
+                store1(v, at + d, load1(qkv, b * width + (H + Hkv + g) * D + d, act_bf16), cache_bf16);
+            }
+        }
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             int64_t b = bh / H, h = bh % H, slot = slots[b];
@@ -66,14 +101,15 @@ void kataru_decode_attention(const float *q, const void *k, const void *v, const
                 cap = n + 8;
                 scores = malloc(cap * sizeof(float));
             }
-            const float *qv = q + bh * D;
+            float qv[512], o[512];
+            rotate(qkv, b * width + h * D, cos_q, sin_q, b * rot, rot, D, act_bf16, qv);
             int64_t base = ((rows[b] * Hkv + h / group) * S + first) * D;
             const char *kb = (const char *)k + base * esize, *vb = (const char *)v + base * esize;
             float best = -INFINITY;
             for (int64_t j = 0; j < n; j++) {
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8_of(kb, j * D + d, bf16), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8_of(kb, j * D + d, cache_bf16), acc);
                 scores[j] = hsum(acc) * scale;
                 best = scores[j] > best ? scores[j] : best;
             }
@@ -90,10 +126,10 @@ void kataru_decode_attention(const float *q, const void *k, const void *v, const
                 scores[j] = _mm_cvtss_f32(_mm256_castps256_ps128(p));
                 sum += scores[j];
             }
-            float *o = out + bh * D;
             int64_t d = 0;
-            for (; d + 64 <= D; d += 64) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, bf16, 8);
-            for (; d < D; d += 8) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, bf16, 1);
+            for (; d + 64 <= D; d += 64) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, cache_bf16, 8);
+            for (; d < D; d += 8) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, cache_bf16, 1);
+            for (d = 0; d < D; d++) store1(out, bh * D + d, o[d], act_bf16);
         }
         free(scores);
     }

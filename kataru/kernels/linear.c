@@ -1,6 +1,6 @@
-/* Decode-time matmuls for CPUs with AVX2 + FMA: y = x @ w.T for float32 inputs x [M, K] (M small: the rows of
- * a decode batch) and weights w [N, K] stored as bf16, as int8 with one scale per output row, or as 4-bit
- * groups with a scale and a minimum each.
+/* Decode-time matmuls for CPUs with AVX2 + FMA: y = x @ w.T + bias for inputs x [M, K] (M small: the rows of
+ * a decode batch; float32 or bf16) and weights w [N, K] stored as bf16, as int8 with one scale per output
+ * row, or as 4-bit groups with a scale and a minimum each.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
  * and how few instructions each weight costs. A weight row is read once for up to four input rows while it
@@ -311,27 +311,66 @@ static inline __attribute__((always_inline)) void linear_tiled(const float *x, c
     }
 }
 
-void kataru_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t K, int64_t N, int threads) {
-    linear(x, w, 0, y, M, K, N, threads, BF16);
+/* Inputs and outputs are float32 or bf16 (act_bf16), the model's activations, so that a call needs no
+ * conversion around it. bf16 inputs are widened once into a per-thread buffer; the kernels sum into float32
+ * and the result, plus the bias (in the activation type, or none), is rounded once to the activation type. */
+typedef struct { const float *x; float *y; } Io;
+static __thread float *scratch_io;
+static __thread int64_t scratch_io_cap;
+
+static Io begin(const void *x, void *y, int64_t M, int64_t K, int64_t N, int act_bf16) {
+    if (!act_bf16) return (Io){x, y};
+    if (M * (K + N) > scratch_io_cap) {
+        free(scratch_io);
+        scratch_io_cap = M * (K + N);
+        scratch_io = malloc(scratch_io_cap * sizeof(float));
+    }
+    const uint16_t *xh = x;
+    int64_t i = 0;
+    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(scratch_io + i, load8(xh, i));
+    for (; i < M * K; i++) scratch_io[i] = bf16_to_float(xh[i]);
+    return (Io){scratch_io, scratch_io + M * K};
+}
+
+static void end(Io io, const void *bias, void *y, int64_t M, int64_t N, int act_bf16) {
+    if (!act_bf16 && !bias) return;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float v = io.y[m * N + n];
+            store1(y, m * N + n, bias ? v + load1(bias, n, act_bf16) : v, act_bf16);
+        }
+}
+
+void kataru_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M, int64_t K, int64_t N,
+                        int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16);
+    linear(io.x, w, 0, io.y, M, K, N, threads, BF16);
+    end(io, bias, y, M, N, act_bf16);
 }
 
 /* w int8 [N, K] with float32 scales [N] */
-void kataru_linear_int8(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t K,
-                        int64_t N, int threads) {
-    linear(x, w, scales, y, M, K, N, threads, INT8);
+void kataru_linear_int8(const void *x, const int8_t *w, const float *scales, const void *bias, void *y, int64_t M,
+                        int64_t K, int64_t N, int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16);
+    linear(io.x, w, scales, io.y, M, K, N, threads, INT8);
+    end(io, bias, y, M, N, act_bf16);
 }
 
 /* w 4-bit in tiles of 8 rows [N/8, 4K] (N % 8 == 0, K % QB == 0), scale_min bf16 [N/8, K/group, 2, 8]
  * (group % QB == 0) */
-void kataru_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale_min, float *y, int64_t M, int64_t K,
-                        int64_t N, int64_t group, int threads) {
-    linear_tiled(x, w, scale_min, y, M, K, N, group, threads, INT4);
+void kataru_linear_int4(const void *x, const uint8_t *w, const uint16_t *scale_min, const void *bias, void *y,
+                        int64_t M, int64_t K, int64_t N, int64_t group, int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16);
+    linear_tiled(io.x, w, scale_min, io.y, M, K, N, group, threads, INT4);
+    end(io, bias, y, M, N, act_bf16);
 }
 
 /* w int8 in tiles of 8 rows [N/8, 8K] (N % 8 == 0, K % QB == 0) with float32 scales [N] */
-void kataru_linear_int8_tiled(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t K,
-                              int64_t N, int threads) {
-    linear_tiled(x, w, scales, y, M, K, N, 0, threads, INT8);
+void kataru_linear_int8_tiled(const void *x, const int8_t *w, const float *scales, const void *bias, void *y,
+                              int64_t M, int64_t K, int64_t N, int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16);
+    linear_tiled(io.x, w, scales, io.y, M, K, N, 0, threads, INT8);
+    end(io, bias, y, M, N, act_bf16);
 }
 
 /* The float32 weights [N, K] a tiled int8 or 4-bit weight stands for (prefill runs one GEMM on them). */

@@ -1,4 +1,5 @@
-/* Helpers the kernels share: bf16 loads, horizontal reductions, each OpenMP thread's share of a range. */
+/* Helpers the kernels share: bf16 loads and stores, horizontal reductions, each OpenMP thread's share of a
+ * range. */
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
@@ -7,6 +8,25 @@ static inline float bf16_to_float(uint16_t v) {
     union { uint32_t i; float f; } c;
     c.i = (uint32_t)v << 16;
     return c.f;
+}
+
+/* float32 to bf16, rounding to nearest even as torch does (NaN to torch's quiet NaN) */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t i; } c = {f};
+    if ((c.i & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+    return (uint16_t)((c.i + 0x7fff + ((c.i >> 16) & 1)) >> 16);
+}
+
+/* element i of a bf16 (bf16 != 0) or float32 array, as float32; and the store back */
+static inline float load1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(void *p, int64_t i, float x, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = float_to_bf16(x);
+    else
+        ((float *)p)[i] = x;
 }
 
 /* eight bf16 values at element offset i, as float32 */
