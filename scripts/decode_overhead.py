@@ -1,0 +1,69 @@
+"""What a decode step costs besides its kernels: the engine steps with every C kernel call replaced by a no-op,
+so the time left is Python, torch's dispatch and the small torch ops between the kernels (norms, SwiGLU,
+residual adds, sampling). Prints ms per step and the torch profiler's top operators.
+
+usage: .venv/bin/python scripts/decode_overhead.py [--shape llm-jp-3.1-1.8b] [--layers N] [--quantize int8|int4]
+                                                   [--batch 1] [--steps 30]
+The logits are garbage once the kernels are stubbed; only the time means anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kataru import kernels
+from kataru.bench import build_shape
+from kataru.engine import Engine
+from kataru.generation import SamplingParams
+from kataru.quantize import quantize
+
+
+class NoKernels:
+    """Stands in for the compiled library: every kataru_* function returns at once."""
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args: None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    if not kernels.available():
+        raise SystemExit("kataru's CPU kernels are unavailable here (no C compiler, no AVX2, or KATARU_KERNELS=0)")
+    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
+    if args.quantize:
+        model = quantize(model, args.quantize)
+    params = SamplingParams(max_new_tokens=2 * args.steps + 8, do_sample=False, ignore_eos=True)
+    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + params.max_new_tokens)
+    for _ in range(args.batch):
+        engine.submit(list(range(5, 37)), params)
+    engine.step()  # prefill with the real kernels (quantized weights are dequantized there)
+    engine.step()
+    kernels._state["lib"] = NoKernels()
+    try:
+        engine.step()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        ms = (time.perf_counter() - start) / args.steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                engine.step()
+    finally:
+        del kernels._state["lib"]
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"{args.shape} {args.quantize or 'bf16'}, batch {args.batch}: {ms:.2f} ms per decode step besides the "
+          f"kernels (mean of {args.steps})")
+
+
+if __name__ == "__main__":
+    main()
