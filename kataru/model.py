@@ -85,12 +85,11 @@ class KVCache(nn.Module):
             self.v[index, :, start:end] = v
         return self.k[index, :, :end], self.v[index, :, :end]
 
-    def write_slots(self, slots: Tensor, k: Tensor, v: Tensor, rows: Tensor | None) -> Tensor:
-        """Write one token per row at its own slot; returns the cache rows written."""
+    def write_slots(self, slots: Tensor, k: Tensor, v: Tensor, rows: Tensor | None) -> None:
+        """Write one token per row at its own slot."""
         row_ids = torch.arange(k.shape[0], device=k.device) if rows is None else rows
         self.k[row_ids, :, slots] = k[:, :, 0]
         self.v[row_ids, :, slots] = v[:, :, 0]
-        return row_ids
 
     def attend(self, slots: Tensor, qkv: Tensor, rope: Tensor | None, rows: Tensor | None, n_head: int,
                window: int | None) -> Tensor:

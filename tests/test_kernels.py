@@ -285,12 +285,13 @@ def test_decode_attention_is_within_float32_rounding(dtype: torch.dtype, heads: 
 
 
 @needs_kernel
-def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(checkpoints: dict) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "stablelm", "mistral", "japanese_stablelm_alpha"])
+def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(family: str, checkpoints: dict) -> None:
     """The model's one-token step with per-row slots (the engine's) gives SDPA's logits within float32 noise,
-    for rows of different lengths in a shared cache."""
+    for rows of different lengths in a shared cache, in every family (partial rotary, xPos, a window)."""
     import kataru
 
-    model = kataru.load(checkpoints["llama"][0], dtype="float32").model
+    model = kataru.load(checkpoints[family][0], dtype="float32").model
     model.setup_caches(3, 64)
     torch.manual_seed(0)
     for row, length in enumerate((7, 20, 3)):

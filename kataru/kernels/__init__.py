@@ -110,8 +110,7 @@ def available() -> bool:
 
 
 def applicable(weight: Tensor) -> bool:
-    """Whether a CPU weight can go through the kernels now: they run here, the weight is contiguous, and no
-    torch.compile trace is running (the compiler cannot see into a ctypes call)."""
+    """Whether a CPU weight can go through the kernels now: they run here and the weight is contiguous."""
     return weight.is_contiguous() and available()
 
 
@@ -274,7 +273,7 @@ def _decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache
     rot = 0 if rope is None else rope.shape[-1]
     tables = None if rope is None else rope.to(qkv.dtype).contiguous()
     out = torch.empty(b, n_head * d, dtype=qkv.dtype)
-    lib.kataru_decode_attention(qkv.data_ptr(), 0 if tables is None else tables.data_ptr(), rot, k_cache.data_ptr(),
+    lib.kataru_decode_attention(qkv.data_ptr(), _pointer(tables), rot, k_cache.data_ptr(),
                                 v_cache.data_ptr(), rows.data_ptr(), slots.data_ptr(), out.data_ptr(), b, n_head,
                                 h_kv, s, d, window or 0, d**-0.5, int(qkv.dtype == torch.bfloat16),
                                 int(k_cache.dtype == torch.bfloat16), torch.get_num_threads())
@@ -318,6 +317,7 @@ _define("decode_attention(Tensor qkv, Tensor? rope, Tensor(a!) k_cache, Tensor(b
         qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1]))
 
 
+# What the model calls: each kernel directly, or its operator inside a torch.compile trace.
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     op = torch.ops.kataru.linear_bf16 if torch.compiler.is_compiling() else _linear_bf16
     return op(x, weight, bias)
