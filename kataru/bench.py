@@ -137,6 +137,30 @@ def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
+def shape_arguments(parser: Any) -> None:
+    """The arguments of the scripts that step one engine on a seed shape (scripts/bench_compile.py, ...)."""
+    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    parser.add_argument("--batch", type=int, default=1)
+
+
+def shape_engine(args: Any, new_tokens: int, decode: Any = None) -> tuple[Transformer, Engine]:
+    """A bf16 random model of args.shape (quantized if asked) and an engine holding args.batch greedy requests
+    of a 32-token prompt and new_tokens each, not yet stepped."""
+    from kataru.quantize import quantize
+
+    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
+    if args.quantize:
+        model = quantize(model, args.quantize)
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + new_tokens,
+                    decode=decode(model) if decode else None)
+    for _ in range(args.batch):
+        engine.submit(list(range(5, 37)), params)
+    return model, engine
+
+
 def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int,
                 decode: Any = None) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 per row) on the continuous-batching engine: the first

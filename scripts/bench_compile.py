@@ -14,30 +14,18 @@ import time
 
 import torch
 
-from kataru.bench import build_shape
-from kataru.engine import Engine, compiled_decode
-from kataru.generation import SamplingParams
-from kataru.quantize import quantize
+from kataru.bench import shape_arguments, shape_engine
+from kataru.engine import compiled_decode
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    parser.add_argument("--batch", type=int, default=1)
+    shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5, help="decode steps per block")
     args = parser.parse_args()
-    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
-    if args.quantize:
-        model = quantize(model, args.quantize)
-    compiled = compiled_decode(model)
-    new_tokens = 2 * args.rounds * args.steps + 8
-    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
-    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + new_tokens, decode=compiled)
-    for _ in range(args.batch):
-        engine.submit(list(range(5, 37)), params)
+    model, engine = shape_engine(args, 2 * args.rounds * args.steps + 8, decode=compiled_decode)
+    compiled = engine.decode_fn
     start = time.perf_counter()
     for _ in range(3):  # prefill, then the compilation and its first runs
         engine.step()

@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kataru import kernels
-from kataru.bench import build_shape
-from kataru.engine import Engine
-from kataru.generation import SamplingParams
-from kataru.quantize import quantize
+from kataru.bench import shape_arguments, shape_engine
 
 
 class NoKernels:
@@ -31,21 +27,12 @@ class NoKernels:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    parser.add_argument("--batch", type=int, default=1)
+    shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("kataru's CPU kernels are unavailable here (no C compiler, no AVX2, or KATARU_KERNELS=0)")
-    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
-    if args.quantize:
-        model = quantize(model, args.quantize)
-    params = SamplingParams(max_new_tokens=2 * args.steps + 8, do_sample=False, ignore_eos=True)
-    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + params.max_new_tokens)
-    for _ in range(args.batch):
-        engine.submit(list(range(5, 37)), params)
+    _, engine = shape_engine(args, 2 * args.steps + 8)
     engine.step()  # prefill with the real kernels (quantized weights are dequantized there)
     engine.step()
     kernels._state["lib"] = NoKernels()
