@@ -22,10 +22,11 @@ import torch
 from kataru import kernels
 from kataru.checkpoint import load_weights, resolve_dtype
 from kataru.config import ModelConfig
-from kataru.engine import Engine
+from kataru.engine import Engine, compiled_decode
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams
 from kataru.model import Linear, Transformer
+from kataru.quantize import quantize as quantize_model
 
 # config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -148,11 +149,9 @@ def shape_arguments(parser: Any) -> None:
 def shape_engine(args: Any, new_tokens: int, decode: Any = None) -> tuple[Transformer, Engine]:
     """A bf16 random model of args.shape (quantized if asked) and an engine holding args.batch greedy requests
     of a 32-token prompt and new_tokens each, not yet stepped."""
-    from kataru.quantize import quantize
-
     model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
     if args.quantize:
-        model = quantize(model, args.quantize)
+        model = quantize_model(model, args.quantize)
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     engine = Engine(model, set(), max_batch=args.batch, row_len=32 + new_tokens,
                     decode=decode(model) if decode else None)
@@ -253,12 +252,8 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     if kernel:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add, in the same run
         with kernels.disabled():
             results.append(measure("kataru torch mm", model))
-    from kataru.engine import compiled_decode
-
     if compile:
         results.append(measure("kataru compiled", model, compiled_decode(model)))
-    from kataru.quantize import quantize as quantize_model
-
     for method in quantize or []:
         quantized = quantize_model(model, method, inplace=False)
         rows = [measure(f"kataru {method}", quantized)]

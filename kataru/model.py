@@ -97,7 +97,7 @@ class KVCache(nn.Module):
         row's new key and value at its slot, then attend over the row's slots in place (no gathered copy of
         the cache). Returns [B, 1, n_head * D]."""
         b = qkv.shape[0]
-        row_ids = torch.arange(b) if rows is None else rows
+        row_ids = torch.arange(b, device=qkv.device) if rows is None else rows
         tables = None if rope is None else rope.view(4, b, -1)
         return kernels.decode_attention(qkv.view(b, -1), tables, self.k, self.v, row_ids, slots, n_head,
                                         window).view(b, 1, -1)
