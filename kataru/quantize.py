@@ -1,12 +1,14 @@
 """Weight-only quantization with torch's own packed matmul kernels (the ones gpt-fast uses).
 
 int8: one scale per output channel, `aten._weight_int8pack_mm`, or on AVX2 CPUs kataru's own kernel
-(`kataru.kernels`), which reads the int8 weights once for all rows of a decode batch.
+(`kataru.kernels`), which reads the int8 weights once for all rows of a decode batch or a prompt's block of
+four rows.
 int4: groups of `group_size` input channels with a scale and zero each, kataru's kernel on AVX2 CPUs, else
 `aten._weight_int4pack_mm` (CPU or CUDA flavour).
-kataru's kernels quantize the activations of a decode step to int8 blocks, as llama.cpp does; torch's keep
-them in the model dtype. Prefill on CPU dequantizes to float32 and runs one GEMM. Embeddings and norms are not
-quantized.
+kataru's kernels quantize the activations to int8 blocks, as llama.cpp does, for decode and prefill alike (a
+prompt's rows get the bits each would get alone); torch's keep them in the model dtype. Without kataru's
+kernels, or where autograd needs the matmul, CPU prefill dequantizes to float32 and runs one GEMM. Embeddings
+and norms are not quantized.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from kataru.errors import KataruError
 from kataru.model import Linear
 
 METHODS = ("int8", "int4")
+
+
+def _kernel_fits(x: Tensor, weight: Tensor) -> bool:
+    """kataru's kernels take the rows on CPU, except where autograd must see the matmul."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and kernels.applicable(weight)
 
 
 class Int8Linear(nn.Module):
@@ -71,15 +78,12 @@ class Int8Linear(nn.Module):
         shape = x.shape
         rows = x.numel() // shape[-1]
         cpu = x.device.type == "cpu"
-        if cpu and rows < Linear.upcast_rows and kernels.applicable(self.weight):
+        if cpu and (rows < Linear.upcast_rows or self.tiled) and _kernel_fits(x, self.weight):
             return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, tiled=self.tiled)
-        # prefill on CPU: dequantize once, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
+        # otherwise on CPU: dequantize, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
         # several rows of a width that is not a multiple of 8, torch 2.13)
-        if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8):
-            if self.tiled and kernels.applicable(self.weight):
-                weight = kernels.dequantize_int8_tiled(self.weight, self._scales32())
-            else:
-                weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
+        if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8 or x.requires_grad):
+            weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
         if self.plain is None or self.plain.device != x.device:
@@ -139,8 +143,6 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The float32 weight [out, in] the 4-bit values stand for."""
-        if self.qweight.device.type == "cpu" and kernels.applicable(self.qweight):
-            return kernels.dequantize_int4(self.qweight, self._scale_min(), self.group_size)
         q = kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
         scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
         return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
@@ -165,9 +167,9 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         cpu = x.device.type == "cpu"
-        if cpu and flat.shape[0] < Linear.upcast_rows and kernels.applicable(self.qweight):
+        if cpu and _kernel_fits(x, self.qweight):
             return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
-        if cpu and flat.shape[0] >= Linear.upcast_rows:  # prefill: dequantize once, fp32 GEMM
+        if cpu and (flat.shape[0] >= Linear.upcast_rows or x.requires_grad):  # dequantize once, fp32 GEMM
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
         packed = self._torch_packed(x.device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kataru import kernels
 from kataru.model import Linear
+from kataru.quantize import Int4Linear, Int8Linear
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
                                   reason="no C compiler, no AVX2 or KATARU_KERNELS=0: kataru uses torch's matmul here")
@@ -147,15 +148,15 @@ def test_integer_sums_are_exact_at_the_extremes() -> None:
 @needs_kernel
 def test_a_row_gets_the_same_bits_alone_and_in_any_batch() -> None:
     """The engine's greedy results must not depend on what else is in the batch."""
-    x, w, _ = operands(17, 2048 + 24, 301)
-    _, q, scales, _ = int8_operands(17, 2048 + 24, 301)
-    _, packed, scale_min, _, _ = int4_operands(17, 2048, 304, 64)
+    x, w, _ = operands(40, 2048 + 24, 301)  # 40 rows: the input is quantized and widened by several threads
+    _, q, scales, _ = int8_operands(40, 2048 + 24, 301)
+    _, packed, scale_min, _, _ = int4_operands(40, 2048, 304, 64)
     tiled = kernels.tile_int8(q[:296, :2048])
     for fn in (lambda rows: kernels.linear_bf16(rows, w), lambda rows: kernels.linear_int8(rows, q, scales),
                lambda rows: kernels.linear_int8(rows[:, :2048], tiled, scales[:296], tiled=True),
                lambda rows: kernels.linear_int4(rows[:, :2048], packed, scale_min, 64)):
-        alone = torch.cat([fn(x[i:i + 1]) for i in range(17)])
-        for rows in (2, 3, 4, 5, 8, 17):
+        alone = torch.cat([fn(x[i:i + 1]) for i in range(40)])
+        for rows in (2, 3, 4, 5, 8, 17, 40):
             assert torch.equal(fn(x[:rows]), alone[:rows])
 
 
@@ -224,12 +225,23 @@ def test_a_build_is_cached_and_leaves_no_temp_files(monkeypatch: pytest.MonkeyPa
 
 
 @needs_kernel
-def test_prefill_dequantizes_the_tiles_to_the_very_weights_decoding_uses() -> None:
-    _, q, scales, _ = int8_operands(1, 256, 96)
-    expected = q.float() * scales[:, None]
-    assert torch.equal(kernels.dequantize_int8_tiled(kernels.tile_int8(q), scales), expected)
-    _, packed, scale_min, _, w = int4_operands(1, 512, 32, 128)
-    assert torch.equal(kernels.dequantize_int4(packed, scale_min, 128).double(), w.float().double())
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_prefill_takes_the_decode_kernels_and_autograd_the_dequantized_weights(method: str) -> None:
+    """A prompt's rows get the bits each gets alone (so prefill and decode agree); where autograd needs the
+    matmul, torch multiplies the dequantized weights."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96).bfloat16()
+    module = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear)
+    weight = (module.plain_weight().float() * module.scales.float()[:, None] if method == "int8"
+              else module.dequantize())
+    x = torch.randn(Linear.upcast_rows + 8, 256).bfloat16()
+    alone = torch.cat([module(row[None]) for row in x])
+    assert torch.equal(module(x), alone)
+    x.requires_grad_(True)
+    y = module(x)
+    assert torch.equal(y, F.linear(x.float(), weight, linear.bias.float()).bfloat16())
+    y.float().sum().backward()
+    assert torch.allclose(x.grad.float(), weight.sum(0).expand(len(x), -1), rtol=2**-7, atol=1e-3)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,

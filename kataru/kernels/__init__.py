@@ -87,13 +87,11 @@ def library() -> ctypes.CDLL | None:
                 lib.kataru_linear_int8.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int4.argtypes = [*[pointer] * 5, *[size] * 4, flag, threads]
-                lib.kataru_dequantize_int8_tiled.argtypes = [*[pointer] * 3, *[size] * 2, threads]
-                lib.kataru_dequantize_int4.argtypes = [*[pointer] * 3, *[size] * 3, threads]
                 lib.kataru_decode_attention.argtypes = [*[pointer] * 2, size, *[pointer] * 5, *[size] * 6,
                                                         ctypes.c_float, flag, flag, threads]
                 lib.kataru_decode_attention.restype = None
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
-                           lib.kataru_linear_int4, lib.kataru_dequantize_int8_tiled, lib.kataru_dequantize_int4):
+                           lib.kataru_linear_int4):
                     fn.restype = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 lib = None
@@ -225,26 +223,6 @@ def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, 
     lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), _pointer(bias), y.data_ptr(),
                            rows.shape[0], k, n, group_size, bf16, torch.get_num_threads())
     return _shaped(y, x)
-
-
-def dequantize_int8_tiled(weight: Tensor, scales: Tensor) -> Tensor:
-    """float32 [N, K] from `tile_int8` values and float32 scales, in one pass."""
-    lib = _loaded("dequantize_int8_tiled")
-    n, k = weight.shape[0] * TILE, weight.shape[1] // TILE
-    out = torch.empty(n, k, dtype=torch.float32)
-    lib.kataru_dequantize_int8_tiled(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), k, n,
-                                     torch.get_num_threads())
-    return out
-
-
-def dequantize_int4(packed: Tensor, scale_min: Tensor, group_size: int) -> Tensor:
-    """float32 [N, K] from `pack_int4` values and `int4_scale_min`, in one pass."""
-    lib = _loaded("dequantize_int4")
-    n, k = packed.shape[0] * TILE, packed.shape[1] // 4
-    out = torch.empty(n, k, dtype=torch.float32)
-    lib.kataru_dequantize_int4(packed.data_ptr(), scale_min.data_ptr(), out.data_ptr(), k, n, group_size,
-                               torch.get_num_threads())
-    return out
 
 
 def attention_applicable(cache: Tensor, dtype: torch.dtype, head_dim: int) -> bool:

@@ -1,19 +1,22 @@
-/* Decode-time matmuls for CPUs with AVX2 + FMA: y = x @ w.T + bias for inputs x [M, K] (M small: the rows of
- * a decode batch; float32 or bf16) and weights w [N, K] stored as bf16, as int8 with one scale per output
- * row, or as 4-bit groups with a scale and a minimum each.
+/* Matmuls for CPUs with AVX2 + FMA: y = x @ w.T + bias for inputs x [M, K] (float32 or bf16) and weights
+ * w [N, K] stored as bf16, as int8 with one scale per output row, or as 4-bit groups with a scale and a
+ * minimum each. bf16 serves decoding (M small: the rows of a decode batch; prefill upcasts to torch's float32
+ * GEMM); the integer kernels serve prefill too, where they beat dequantizing into that GEMM.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
  * and how few instructions each weight costs. A weight row is read once for up to four input rows while it
  * sits in L1, then again from L1 for the next four. Output rows are split between threads of the OpenMP
- * runtime torch itself uses (one libgomp in the process).
+ * runtime torch itself uses (one libgomp in the process); for many rows the input's quantization and the
+ * output's rounding are split too.
  *
  * bf16: each weight becomes a float32 by a 16-bit shift and meets an FMA with the float32 input.
  * int8 and int4 (the scheme of llama.cpp's Q8_0 / Q4_1 dot products): the input row is first quantized to
  * int8 in blocks of QB values with one float scale per block (step max|x_block| / 127); vpmaddubsw then
  * multiplies 32 weight bytes with 32 input bytes and adds pairs, so one instruction does what takes four
- * float FMAs, and each block's exact integer sum is scaled once. int8 weights are signed, so the signs move
- * onto the input (vpsignb) to fit vpmaddubsw's unsigned x signed operands; 4-bit weights are unsigned
- * already, and their groups' minimum is applied through exact float sums of the input blocks.
+ * float FMAs, and each block's exact integer sum is scaled once. vpmaddubsw multiplies unsigned by signed
+ * bytes: for signed int8 weights it takes |x| (made once with the quantized row) and the weights with x's
+ * signs (vpsignb); 4-bit weights are unsigned already, and their groups' minimum is applied through exact
+ * float sums of the input blocks.
  *
  * Every output element is summed in the same order whatever the batch size, the blocking or the thread,
  * and each input row is quantized on its own, so a sequence decodes to the same bits alone or batched.
@@ -28,31 +31,34 @@
 
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 #define QB 64 /* input block for int8 and int4 */
+#define PARALLEL_MIN (1 << 16) /* elements from which the work around the matmul (prefill) is split between threads */
 
 /* Input rows in int8 blocks: x [M, K] ≈ q * d per block of QB (the last one may be shorter), with the exact
  * float sum of each block (the 4-bit minimum term needs it). Per thread, grown on demand: calls from
  * several Python threads (ctypes releases the GIL) never share it. */
-typedef struct { int8_t *q; float *d, *sums; int64_t blocks; } Quantized;
+typedef struct { int8_t *q; uint8_t *u; float *d, *sums; int64_t blocks; } Quantized; /* u: |q| */
 static __thread int8_t *scratch_q;
 static __thread float *scratch_f;
 static __thread int64_t scratch_cap;
 
-static Quantized quantize_rows(const float *x, int64_t M, int64_t K) {
+static Quantized quantize_rows(const float *x, int64_t M, int64_t K, int threads) {
     int64_t blocks = (K + QB - 1) / QB;
     if (M * blocks * QB > scratch_cap) {
         free(scratch_q);
         free(scratch_f);
         scratch_cap = M * blocks * QB;
-        scratch_q = malloc(scratch_cap);
+        scratch_q = malloc(2 * scratch_cap);
         scratch_f = malloc(2 * M * blocks * sizeof(float));
     }
-    Quantized r = {scratch_q, scratch_f, scratch_f + M * blocks, blocks};
+    Quantized r = {scratch_q, (uint8_t *)scratch_q + M * blocks * QB, scratch_f, scratch_f + M * blocks, blocks};
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the lane interleave of packs */
+    #pragma omp parallel for num_threads(threads) if (M * K >= PARALLEL_MIN)
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < blocks; b++) {
             const float *xb = x + m * K + b * QB;
             int8_t *qb = r.q + m * K + b * QB;
+            uint8_t *ub = r.u + m * K + b * QB;
             int64_t len = K - b * QB < QB ? K - b * QB : QB;
             float amax = 0, sum = 0;
             if (len == QB) {
@@ -80,10 +86,15 @@ static Quantized quantize_rows(const float *x, int64_t M, int64_t K) {
                     for (int j = 0; j < 4; j++)
                         v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), vinv));
                     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-                    _mm256_storeu_si256((__m256i *)(qb + i), _mm256_permutevar8x32_epi32(p, order));
+                    p = _mm256_permutevar8x32_epi32(p, order);
+                    _mm256_storeu_si256((__m256i *)(qb + i), p);
+                    _mm256_storeu_si256((__m256i *)(ub + i), _mm256_abs_epi8(p));
                 }
             } else {
-                for (int64_t i = 0; i < len; i++) qb[i] = (int8_t)lrintf(xb[i] * inv);
+                for (int64_t i = 0; i < len; i++) {
+                    qb[i] = (int8_t)lrintf(xb[i] * inv);
+                    ub[i] = (uint8_t)abs(qb[i]);
+                }
             }
         }
     return r;
@@ -131,7 +142,8 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
             for (int m = 0; m < M; m++) {
                 __m256i a0 = _mm256_loadu_si256((const __m256i *)(in.q + m * K + b * QB));
                 __m256i a1 = _mm256_loadu_si256((const __m256i *)(in.q + m * K + b * QB + 32));
-                __m256i u0 = _mm256_sign_epi8(a0, a0), u1 = _mm256_sign_epi8(a1, a1);
+                __m256i u0 = _mm256_loadu_si256((const __m256i *)(in.u + m * K + b * QB));
+                __m256i u1 = _mm256_loadu_si256((const __m256i *)(in.u + m * K + b * QB + 32));
                 __m256 d = _mm256_set1_ps(in.d[m * in.blocks + b]);
                 for (int r = 0; r < R; r++) { /* |a| * sign(a) w: pairs of at most 2 * 127 * 127, no saturation */
                     __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(w0[r], a0)), ones);
@@ -184,8 +196,8 @@ static inline __attribute__((always_inline)) void rows(const float *x, Quantized
 static inline __attribute__((always_inline)) void linear(const float *x, const void *w, const void *sm, float *y,
                                                          int64_t M, int64_t K, int64_t N, int threads,
                                                          const int kind) {
-    Quantized in = {0, 0, 0, 0};
-    if (kind != BF16) in = quantize_rows(x, M, K);
+    Quantized in = {0, 0, 0, 0, 0};
+    if (kind != BF16) in = quantize_rows(x, M, K, threads);
     #pragma omp parallel num_threads(threads)
     {
         int64_t n0, n1;
@@ -195,7 +207,7 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
             int R = n + wide <= n1 ? wide : 1;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 Quantized part = in;
-                if (kind != BF16) part = (Quantized){in.q + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
+                if (kind != BF16) part = (Quantized){in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
                                                      in.blocks};
                 rows(x + m0 * K, part, w, sm, y + m0 * N, K, N, n, M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
             }
@@ -255,8 +267,8 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
 }
 
 /* int8 weights in tiles of 8 rows [N/8, 8K]: byte 4r + j of step s is row r's value 4s + j. As for 4-bit
- * tiles, each row's sums stay in their own lane and each thread reads one sequential stream; the signs move
- * onto the input as in block(). */
+ * tiles, each row's sums stay in their own lane and each thread reads one sequential stream; |x| meets the
+ * weights with x's signs as in block(). */
 static inline __attribute__((always_inline)) void tile8(Quantized in, const int8_t *w, const float *scales,
                                                         float *y, int64_t K, int64_t N, int64_t tile, const int M) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -272,10 +284,10 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
             if (s % 2 == 0) _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
             __m256i raw = _mm256_loadu_si256((const __m256i *)p);
             for (int m = 0; m < M; m++) {
-                int32_t a0;
+                int32_t a0, u0;
                 memcpy(&a0, in.q + m * K + step * 4, 4);
-                __m256i a = _mm256_set1_epi32(a0);
-                __m256i pr = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(raw, a));
+                memcpy(&u0, in.u + m * K + step * 4, 4);
+                __m256i pr = _mm256_maddubs_epi16(_mm256_set1_epi32(u0), _mm256_sign_epi8(raw, _mm256_set1_epi32(a0)));
                 s32[m] = _mm256_add_epi32(s32[m], _mm256_madd_epi16(pr, ones));
             }
         }
@@ -290,14 +302,15 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
 static inline __attribute__((always_inline)) void linear_tiled(const float *x, const void *w, const void *sm, float *y,
                                                                int64_t M, int64_t K, int64_t N, int64_t group,
                                                                int threads, const int kind) {
-    Quantized in = quantize_rows(x, M, K);
+    Quantized in = quantize_rows(x, M, K, threads);
     #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         thread_share(N / 8, &t0, &t1);
         for (int64_t tile = t0; tile < t1; tile++)
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                Quantized part = {in.q + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks, in.blocks};
+                Quantized part = {in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
+                                  in.blocks};
                 float *ym = y + m0 * N;
 #define TILE(M_) kind == INT8 ? tile8(part, w, sm, ym, K, N, tile, M_) : tile4(part, w, sm, ym, K, N, tile, group, M_)
                 switch (M - m0 < 4 ? M - m0 : 4) {
@@ -318,7 +331,7 @@ typedef struct { const float *x; float *y; } Io;
 static __thread float *scratch_io;
 static __thread int64_t scratch_io_cap;
 
-static Io begin(const void *x, void *y, int64_t M, int64_t K, int64_t N, int act_bf16) {
+static Io begin(const void *x, void *y, int64_t M, int64_t K, int64_t N, int act_bf16, int threads) {
     if (!act_bf16) return (Io){x, y};
     if (M * (K + N) > scratch_io_cap) {
         free(scratch_io);
@@ -326,14 +339,19 @@ static Io begin(const void *x, void *y, int64_t M, int64_t K, int64_t N, int act
         scratch_io = malloc(scratch_io_cap * sizeof(float));
     }
     const uint16_t *xh = x;
-    int64_t i = 0;
-    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(scratch_io + i, load8(xh, i));
-    for (; i < M * K; i++) scratch_io[i] = bf16_to_float(xh[i]);
+    float *xf = scratch_io;
+    #pragma omp parallel for num_threads(threads) if (M * K >= PARALLEL_MIN)
+    for (int64_t m = 0; m < M; m++) {
+        int64_t i = m * K;
+        for (; i + 8 <= (m + 1) * K; i += 8) _mm256_storeu_ps(xf + i, load8(xh, i));
+        for (; i < (m + 1) * K; i++) xf[i] = bf16_to_float(xh[i]);
+    }
     return (Io){scratch_io, scratch_io + M * K};
 }
 
-static void end(Io io, const void *bias, void *y, int64_t M, int64_t N, int act_bf16) {
+static void end(Io io, const void *bias, void *y, int64_t M, int64_t N, int act_bf16, int threads) {
     if (!act_bf16 && !bias) return;
+    #pragma omp parallel for num_threads(threads) if (M * N >= PARALLEL_MIN)
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float v = io.y[m * N + n];
@@ -343,66 +361,32 @@ static void end(Io io, const void *bias, void *y, int64_t M, int64_t N, int act_
 
 void kataru_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M, int64_t K, int64_t N,
                         int act_bf16, int threads) {
-    Io io = begin(x, y, M, K, N, act_bf16);
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear(io.x, w, 0, io.y, M, K, N, threads, BF16);
-    end(io, bias, y, M, N, act_bf16);
+    end(io, bias, y, M, N, act_bf16, threads);
 }
 
 /* w int8 [N, K] with float32 scales [N] */
 void kataru_linear_int8(const void *x, const int8_t *w, const float *scales, const void *bias, void *y, int64_t M,
                         int64_t K, int64_t N, int act_bf16, int threads) {
-    Io io = begin(x, y, M, K, N, act_bf16);
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear(io.x, w, scales, io.y, M, K, N, threads, INT8);
-    end(io, bias, y, M, N, act_bf16);
+    end(io, bias, y, M, N, act_bf16, threads);
 }
 
 /* w 4-bit in tiles of 8 rows [N/8, 4K] (N % 8 == 0, K % QB == 0), scale_min bf16 [N/8, K/group, 2, 8]
  * (group % QB == 0) */
 void kataru_linear_int4(const void *x, const uint8_t *w, const uint16_t *scale_min, const void *bias, void *y,
                         int64_t M, int64_t K, int64_t N, int64_t group, int act_bf16, int threads) {
-    Io io = begin(x, y, M, K, N, act_bf16);
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear_tiled(io.x, w, scale_min, io.y, M, K, N, group, threads, INT4);
-    end(io, bias, y, M, N, act_bf16);
+    end(io, bias, y, M, N, act_bf16, threads);
 }
 
 /* w int8 in tiles of 8 rows [N/8, 8K] (N % 8 == 0, K % QB == 0) with float32 scales [N] */
 void kataru_linear_int8_tiled(const void *x, const int8_t *w, const float *scales, const void *bias, void *y,
                               int64_t M, int64_t K, int64_t N, int act_bf16, int threads) {
-    Io io = begin(x, y, M, K, N, act_bf16);
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear_tiled(io.x, w, scales, io.y, M, K, N, 0, threads, INT8);
-    end(io, bias, y, M, N, act_bf16);
-}
-
-/* The float32 weights [N, K] a tiled int8 or 4-bit weight stands for (prefill runs one GEMM on them). */
-void kataru_dequantize_int8_tiled(const int8_t *w, const float *scales, float *out, int64_t K, int64_t N,
-                                  int threads) {
-    #pragma omp parallel for num_threads(threads)
-    for (int64_t tile = 0; tile < N / 8; tile++)
-        for (int r = 0; r < 8; r++) {
-            const int8_t *src = w + tile * 8 * K + 4 * r;
-            float *dst = out + (tile * 8 + r) * K, s = scales[tile * 8 + r];
-            for (int64_t step = 0; step < K / 4; step++)
-                for (int j = 0; j < 4; j++) dst[4 * step + j] = src[32 * step + j] * s;
-        }
-}
-
-void kataru_dequantize_int4(const uint8_t *w, const uint16_t *scale_min, float *out, int64_t K, int64_t N,
-                            int64_t group, int threads) {
-    const int64_t groups = K / group;
-    #pragma omp parallel for num_threads(threads)
-    for (int64_t tile = 0; tile < N / 8; tile++)
-        for (int r = 0; r < 8; r++) {
-            const uint8_t *src = w + tile * 4 * K + 4 * r;
-            const uint16_t *sm = scale_min + tile * groups * 16 + r;
-            float *dst = out + (tile * 8 + r) * K;
-            for (int64_t step = 0; step < K / 8; step++) {
-                int64_t g = step * 8 / group;
-                float s = bf16_to_float(sm[g * 16]), m = bf16_to_float(sm[g * 16 + 8]);
-                for (int j = 0; j < 4; j++) {
-                    uint8_t byte = src[32 * step + j];
-                    dst[8 * step + j] = (byte & 15) * s + m;
-                    dst[8 * step + 4 + j] = (byte >> 4) * s + m;
-                }
-            }
-        }
+    end(io, bias, y, M, N, act_bf16, threads);
 }
