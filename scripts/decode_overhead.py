@@ -33,7 +33,7 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("kataru's CPU kernels are unavailable here (no C compiler, no AVX2, or KATARU_KERNELS=0)")
     _, engine = shape_engine(args, 2 * args.steps + 8)
-    engine.step()  # prefill with the real kernels (quantized weights are dequantized there)
+    engine.step()  # prefill with the real kernels
     engine.step()
     kernels._state["lib"] = NoKernels()
     try:
