@@ -4,8 +4,8 @@
  * GEMM); the integer kernels serve prefill too, where they beat dequantizing into that GEMM.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
- * and how few instructions each weight costs. A weight row is read once for up to four input rows while it
- * sits in L1, then again from L1 for the next four. Output rows are split between threads of the OpenMP
+ * and how few instructions each weight costs. A weight row (or tile of 8 rows) is read once for up to four
+ * input rows (eight against 4-bit tiles) while it sits in L1, then again from L1 for the next ones. Output rows are split between threads of the OpenMP
  * runtime torch itself uses (one libgomp in the process); for many rows the input's quantization and the
  * output's rounding are split too.
  *
@@ -216,7 +216,7 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
     }
 }
 
-/* 4-bit weights, one tile of 8 output rows against M <= 4 input rows. The tile's bytes are K/8 steps of 32:
+/* 4-bit weights, one tile of 8 output rows against M <= 8 input rows. The tile's bytes are K/8 steps of 32:
  * byte 4r + j of step s holds row r's value 8s + j in its low and 8s + 4 + j in its high nibble, so one AND
  * gives four values of each of the 8 rows in its own 32-bit lane, and vpmaddubsw against four input bytes
  * broadcast to every lane leaves each row's sums in its own lane: no horizontal adds, one store of 8
@@ -230,13 +230,13 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
     const int64_t groups = K / group, per_group = group / QB;
     const uint8_t *wt = w + tile * 4 * K;
     const uint16_t *st = sm + tile * groups * 16;
-    __m256 acc[4];
+    __m256 acc[8];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < in.blocks; b++) {
-        __m256i sums32[4];
+        __m256i sums32[8];
         for (int m = 0; m < M; m++) sums32[m] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
-            __m256i sums16[4];
+            __m256i sums16[8];
             for (int m = 0; m < M; m++) sums16[m] = _mm256_setzero_si256();
             for (int s = 0; s < 4; s++) {
                 int64_t step = b * 8 + half * 4 + s;
@@ -298,28 +298,46 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
     for (int m = 0; m < M; m++) _mm256_storeu_ps(y + m * N + tile * 8, _mm256_mul_ps(acc[m], sc));
 }
 
-/* one tile of 8 output rows after another, the tiles split evenly between the threads */
+/* one tile of 8 output rows after another, the tiles split evenly between the threads; each tile meets up to
+ * 8 input rows at once for 4-bit weights (their unpacking is shared) and 4 for int8 (more spill registers) */
 static inline __attribute__((always_inline)) void linear_tiled(const float *x, const void *w, const void *sm, float *y,
                                                                int64_t M, int64_t K, int64_t N, int64_t group,
                                                                int threads, const int kind) {
     Quantized in = quantize_rows(x, M, K, threads);
+    const int64_t step = kind == INT8 ? 4 : 8;
     #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         thread_share(N / 8, &t0, &t1);
         for (int64_t tile = t0; tile < t1; tile++)
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            for (int64_t m0 = 0; m0 < M; m0 += step) {
                 Quantized part = {in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
                                   in.blocks};
                 float *ym = y + m0 * N;
-#define TILE(M_) kind == INT8 ? tile8(part, w, sm, ym, K, N, tile, M_) : tile4(part, w, sm, ym, K, N, tile, group, M_)
-                switch (M - m0 < 4 ? M - m0 : 4) {
-                    case 1: TILE(1); break;
-                    case 2: TILE(2); break;
-                    case 3: TILE(3); break;
-                    default: TILE(4); break;
+                int64_t rows = M - m0 < step ? M - m0 : step;
+#define T8(M_) tile8(part, w, sm, ym, K, N, tile, M_)
+#define T4(M_) tile4(part, w, sm, ym, K, N, tile, group, M_)
+                if (kind == INT8) {
+                    switch (rows) {
+                        case 1: T8(1); break;
+                        case 2: T8(2); break;
+                        case 3: T8(3); break;
+                        default: T8(4); break;
+                    }
+                } else {
+                    switch (rows) {
+                        case 1: T4(1); break;
+                        case 2: T4(2); break;
+                        case 3: T4(3); break;
+                        case 4: T4(4); break;
+                        case 5: T4(5); break;
+                        case 6: T4(6); break;
+                        case 7: T4(7); break;
+                        default: T4(8); break;
+                    }
                 }
-#undef TILE
+#undef T8
+#undef T4
             }
     }
 }
