@@ -8,11 +8,8 @@ bytes of weights a decode step reads.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +17,12 @@ from typing import Any
 import torch
 
 from kataru import kernels
-from kataru.checkpoint import load_weights, resolve_dtype
+from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
 from kataru.config import ModelConfig
 from kataru.engine import Engine, compiled_decode
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams
-from kataru.model import Linear, Transformer
+from kataru.model import Transformer
 from kataru.quantize import quantize as quantize_model
 
 # config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
@@ -64,16 +61,24 @@ class Result:
     roofline_fraction: float | None = None
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth: best time to sum a buffer much larger than the caches."""
-    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth: best time to sum a buffer much larger than the caches (of the CPU or the GPU)."""
+    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32, device=device)
     x.sum()
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         x.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the GPU's queued work, so that the clock measures it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_rss_bytes() -> int:
@@ -169,10 +174,14 @@ def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     for _ in range(batch):
         engine.submit(torch.randint(3, vocab, (prompt_len,)).tolist(), params)
+    device = model.tok_embeddings.weight.device
+    synchronize(device)
     start = time.perf_counter()
     engine.step()  # every request is prefilled and gets its first token
+    synchronize(device)
     first = time.perf_counter()
     engine.run()
+    synchronize(device)
     return first - start, time.perf_counter() - first
 
 
@@ -188,12 +197,14 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
             self.times: list[float] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            synchronize(input_ids.device)
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, prompt_len))
+    ids = torch.randint(3, vocab, (batch, prompt_len)).to(model.device)
     clock = Clock()
+    synchronize(model.device)
     start = time.perf_counter()
     model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                    eos_token_id=None, stopping_criteria=transformers.StoppingCriteriaList([clock]))
@@ -202,19 +213,22 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
 
 def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
               prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
-              quantize: list[str] | None = None, compile: bool = False, context: int = 16) -> dict[str, Any]:
-    """context: the prompt tokens each row holds before the timed decode steps (attention reads them all)."""
+              quantize: list[str] | None = None, compile: bool = False, context: int = 16,
+              device: str = "cpu") -> dict[str, Any]:
+    """context: the prompt tokens each row holds before the timed decode steps (attention reads them all).
+    device: where both engines run (a seed shape is built on the CPU, then moved)."""
     if new_tokens < 2:
         raise KataruError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens (the first comes "
                           "with the prefill)")
     if threads:
         torch.set_num_threads(threads)
-    bandwidth = memory_bandwidth_gbs()  # first, so its buffer is gone before the model counts towards peak RSS
+    device = resolve_device(device)
+    bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
     reference = None
     if Path(target).is_dir():
         from kataru.llm import load
 
-        model = load(target, dtype=dtype, progress=False).model
+        model = load(target, dtype=dtype, device=device, progress=False).model
         torch_dtype = model.tok_embeddings.weight.dtype  # "auto" resolved against the checkpoint
         if compare:
             import transformers
@@ -223,6 +237,9 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     else:
         torch_dtype = resolve_dtype(dtype, ModelConfig.from_hf(shape_config(target, layers)))
         model, reference = build_shape(target, layers, torch_dtype, compare == "transformers")
+        model = model.to(device)
+    if reference is not None:
+        reference = reference.to(device)
     config = model.config
     prompt_len = min(prompt_len, config.max_seq_len - new_tokens - 1)
     context = min(context, config.max_seq_len - new_tokens - 1)
@@ -277,8 +294,11 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "decode_context": context,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "torch": torch.__version__, "bf16_kernel": kernel, "results": [asdict(r) for r in results],
+        "torch": torch.__version__, "bf16_kernel": kernel, "device": device, "results": [asdict(r) for r in results],
     }
+    if torch.device(device).type == "cuda":
+        report["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        report["gpu"] = torch.cuda.get_device_name(device)
     if reference is not None:
         k, t = results[0], results[-1]
         report["ratios"] = {"prefill": k.prefill_tok_s / t.prefill_tok_s, "decode_b1": k.decode_b1_tok_s /
@@ -287,10 +307,14 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
 
 
 def format_table(report: dict[str, Any]) -> str:
+    where = report.get("gpu") or f"{report['threads']} threads"
+    peak = f"peak RSS {report['peak_rss_gb']:.2f} GB"
+    if "peak_gpu_gb" in report:
+        peak += f", peak GPU memory {report['peak_gpu_gb']:.2f} GB"
     lines = [f"{report['target']} ({report['family']}, {report['layers']} layers, {report['dtype']}, "
-             f"{report['weight_gb']:.2f} GB, {report['threads']} threads, torch {report['torch']})",
+             f"{report['weight_gb']:.2f} GB, {where}, torch {report['torch']})",
              f"memory bandwidth {report['bandwidth_gbs']:.1f} GB/s -> decode roofline "
-             f"{report['roofline_decode_tok_s']:.1f} tok/s; peak RSS {report['peak_rss_gb']:.2f} GB",
+             f"{report['roofline_decode_tok_s']:.1f} tok/s; {peak}",
              f"prefill {report['prompt_tokens']} tokens; decode {report['new_tokens']} tokens per row after "
              f"{report.get('decode_context', 16)}", ""]
     header = f"{'engine':<20}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
@@ -326,7 +350,7 @@ def plot(report: dict[str, Any], path: str) -> None:
             ax.axhline(report["roofline_decode_tok_s"], linestyle="--", color="k", label=f"{report['dtype']} roofline")
             ax.legend()
         ax.set_title(title)
-    fig.suptitle(f"{report['target']} {report['dtype']}, {report['threads']} threads")
+    fig.suptitle(f"{report['target']} {report['dtype']}, {report.get('gpu') or str(report['threads']) + ' threads'}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -344,7 +368,7 @@ def main(args: Any) -> None:
         return
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
                        prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                       quantize=methods, compile=args.compile, context=args.context)
+                       quantize=methods, compile=args.compile, context=args.context, device=args.device)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)
@@ -395,19 +419,6 @@ def perplexity(model: Transformer, token_lists: list[list[int]], window: int) ->
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-@contextlib.contextmanager
-def decode_numerics() -> Iterator[None]:
-    """Every row through the decode matmuls, as generation runs them: prefill rows (32 or more) dequantize
-    and run one GEMM, which would measure only the weights' rounding, not the kernels' int8 inputs. The
-    kernels treat each row alone, so a window gives the very logits token-by-token decoding would."""
-    saved = Linear.upcast_rows
-    Linear.upcast_rows = sys.maxsize
-    try:
-        yield
-    finally:
-        Linear.upcast_rows = saved
-
-
 def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, max_chars: int = 20000,
                 window: int = 512) -> dict[str, Any]:
     from kataru.llm import load
@@ -419,9 +430,8 @@ def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, m
     tokens = [llm.tokenizer.encode(t, add_special_tokens=True) for t in heldout_texts(text, max_chars)]
     window = min(window, llm.config.max_seq_len - 1)
     rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window)}]
-    for method in methods:
-        with decode_numerics():
-            ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window)
+    for method in methods:  # on kataru's kernels every row is quantized as in decoding, a window at once
+        ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window)
         rows.append({"method": method, "perplexity": ppl})
     for row in rows:
         row["increase"] = row["perplexity"] / rows[0]["perplexity"] - 1

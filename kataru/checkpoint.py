@@ -126,6 +126,23 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(name: str) -> str:
+    """A device torch can use here, or a one-line error naming what is missing."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KataruError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KataruError(f"--device {name}: this torch build ({torch.__version__}) sees no CUDA GPU; use --device "
+                              "cpu, or install a CUDA build of torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KataruError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise KataruError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return str(device)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__

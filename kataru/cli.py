@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode steps")
     bench.add_argument("--threads", type=int)
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (both engines run there)")
     bench.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
     bench.add_argument("--quality", action="store_true",

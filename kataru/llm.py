@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kataru.checkpoint import load_weights, resolve_dtype
+from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
 from kataru.config import ModelConfig, read_config_file
 from kataru.engine import Engine, compiled_decode
 from kataru.errors import KataruError
@@ -57,6 +57,7 @@ class LLM:
                                   "reinstall kataru or pass a model folder")
             raise KataruError(f"model folder {folder} does not exist; give the path of a local checkpoint folder")
         self.folder = folder
+        device = resolve_device(device)
         self.config = ModelConfig.from_hf(read_config_file(folder))
         self.dtype = resolve_dtype(dtype, self.config)
         self.tokenizer = Tokenizer(folder)

@@ -15,8 +15,9 @@ from kataru.config import ModelConfig
 
 def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "tiny", "--compare", "transformers", "--prompt-tokens", "64", "--new-tokens", "4",
-                 "--json"]) == 0
+                 "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and "peak_gpu_gb" not in report
     assert report["bf16_kernel"] == (report["dtype"] == "bfloat16" and kernels.available())
     # with kataru's CPU kernel, the same engine on torch's matmul is measured too
     torch_mm = ["kataru torch mm"] if report["bf16_kernel"] else []
