@@ -14,7 +14,8 @@ and prefills only the rest.
 With compile=True the one-token decode step runs through `torch.compile` (the key length is dynamic,
 so it compiles once for batch 1 and once for larger batches per KV-cache shape, not per length), with
 kataru's CPU kernels inside the graph as torch operators; when the compiler is unavailable or fails, the
-engine says so once on stderr and keeps decoding eagerly.
+engine says so once on stderr and keeps decoding eagerly. On a GPU the eager step is replayed from CUDA
+graphs (`GraphedDecode`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,7 +84,8 @@ class Engine:
         self.reserved = 0
         self.ids = itertools.count(1)
         self._loop_task: asyncio.Task | None = None
-        self.decode_fn: Callable[..., torch.Tensor] = decode or (compiled_decode(model) if compile else model)
+        self.decode_fn: Callable[..., torch.Tensor] = decode or (compiled_decode(model) if compile
+                                                                 else eager_decode(model))
 
     def grow(self, max_batch: int, row_len: int) -> None:
         """More rows or longer ones, keeping the prefixes free rows hold (an idle engine only)."""
@@ -263,3 +266,79 @@ def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
             return model(*args, **kwargs)
 
     return decode
+
+
+def eager_decode(model: Transformer) -> Callable[..., torch.Tensor]:
+    """The one-token step without the compiler: the model itself on the CPU, CUDA graphs of it on a GPU."""
+    return GraphedDecode(model) if model.tok_embeddings.weight.device.type == "cuda" else model
+
+
+class GraphedDecode:
+    """The one-token step at static shapes, replayed from CUDA graphs on a GPU.
+
+    A decode step launches hundreds of small kernels, each costing more to launch than to run at one token;
+    a CUDA graph launches them all at once. A graph fixes every shape, so the batch is padded to a bucket
+    (1, 2, 4, ... up to the cache's rows) by repeating its last row (the same key and value written to the
+    same slot again, its logits dropped), and every row attends over its whole cache row under the row mask
+    rather than over the longest row's span. One graph per bucket is captured on first use, after warm-up
+    runs on a side stream, and replayed with each step's inputs copied into its static buffers; a new KV
+    cache (the engine grew) drops them. With capture=False (the default off CUDA) the same static step runs
+    eagerly, which is what the CPU tests check. If capture fails, one line on stderr says so and decoding
+    goes on eagerly.
+    """
+
+    def __init__(self, model: Transformer, capture: bool | None = None) -> None:
+        self.model = model
+        self.capture = model.tok_embeddings.weight.device.type == "cuda" if capture is None else capture
+        self.graphs: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.cache_id: tuple[int, int, int] | None = None
+        self.pool: Any = None
+
+    def __call__(self, tokens: torch.Tensor, start: torch.Tensor, rows: torch.Tensor,
+                 span: int | None = None) -> torch.Tensor:
+        model, b = self.model, tokens.shape[0]
+        bucket = 1 << (b - 1).bit_length()
+        if bucket <= model.cache_rows and bucket > b:
+            inputs = [torch.cat((t, t[-1:].expand(bucket - b, *t.shape[1:]))) for t in (tokens, start, rows)]
+        else:
+            inputs = [tokens, start, rows]
+        if not self.capture:
+            return model(inputs[0], start=inputs[1], rows=inputs[2], span=model.cache_len)[:b]
+        cache = model.layers[0].attention.kv_cache
+        assert cache is not None, "setup_caches() before decoding"
+        cache_id = (cache.k.data_ptr(), model.cache_rows, model.cache_len)
+        if cache_id != self.cache_id:
+            self.graphs.clear()
+            self.cache_id = cache_id
+        try:
+            static, out, graph = self.graphs.get(len(inputs[0])) or self._capture(inputs)
+        except Exception as err:  # no CUDA, an op that cannot be captured, ...
+            message = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            print(f"kataru: CUDA graph capture failed ({type(err).__name__}: {message}); decoding eagerly",
+                  file=sys.stderr)
+            self.capture = False
+            return model(tokens, start=start, rows=rows, span=span)
+        for buffer, value in zip(static, inputs, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return out[:b].clone()  # the graph's output buffer is overwritten by the next replay
+
+    def _capture(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]:
+        model = self.model
+        static = [t.clone() for t in inputs]
+
+        def step() -> torch.Tensor:
+            return model(static[0], start=static[1], rows=static[2], span=model.cache_len)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation and allocations happen outside the graph
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        self.pool = graph.pool()
+        self.graphs[len(static[0])] = (static, out, graph)
+        return static, out, graph

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
 from kataru.config import ModelConfig, read_config_file
-from kataru.engine import Engine, compiled_decode
+from kataru.engine import Engine, compiled_decode, eager_decode
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, Step, decode_steps, find_stop, held_back
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
@@ -70,7 +70,7 @@ class LLM:
             if quantize:
                 quantize_model(self.model, quantize)
         self.quantization: str | None = getattr(self.model, "quantization", None)
-        self.decode = compiled_decode(self.model) if compile else self.model
+        self.decode = compiled_decode(self.model) if compile else eager_decode(self.model)
         self.prompt_style: PromptStyle = (get_style(prompt_style) if prompt_style
                                           else detect_style(self.config.family, self.tokenizer))
         generation_config = self._generation_config()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
 
 import kataru
 from kataru import kernels
-from kataru.engine import Engine
+from kataru.engine import Engine, GraphedDecode
 from kataru.errors import KataruError
 from kataru.generation import SamplingParams, decode_steps
 
@@ -166,6 +167,59 @@ def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, m
     assert request.tokens == alone(llm, prompt, params)
     err = capsys.readouterr().err
     assert err.count("torch.compile failed") == 1 and "decoding eagerly" in err and "long trace" not in err
+
+
+def run_graphed(llm: kataru.LLM, graphed: GraphedDecode, ps: list[list[int]],
+                params: list[SamplingParams]) -> tuple[list[list[int]], list[int]]:
+    """(each request's tokens, the batch sizes of the decode steps the model ran) on a 4-row engine."""
+    sizes: list[int] = []
+    hook = llm.model.register_forward_hook(
+        lambda module, args, kwargs, out: sizes.append(args[0].shape[0]) if args[0].shape[1] == 1 else None,
+        with_kwargs=True)
+    try:
+        engine = Engine(llm.model, llm.eos_ids, max_batch=4, decode=graphed)
+        requests = [engine.submit(p, q) for p, q in zip(ps, params, strict=True)]
+        engine.run()
+    finally:
+        hook.remove()
+    return [r.tokens for r in requests], sizes
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict, use_kernels: bool) -> None:
+    """The step CUDA graphs replay, run eagerly: three rows padded to four, then two and one as requests
+    finish, each attending over its whole cache row under the mask, give the tokens of running alone."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (9, 14, 5)]
+    ps = prompts(llm.config.vocab_size, [7, 12, 4])
+    with contextlib.nullcontext() if use_kernels else kernels.disabled():
+        expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
+        tokens, sizes = run_graphed(llm, GraphedDecode(llm.model, capture=False), ps, params)
+    assert tokens == expected
+    assert set(sizes) == {4, 2, 1}  # three rows ran as four; two as two, one as one
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA graphs cannot be captured")
+def test_graph_capture_failure_falls_back_to_eager(checkpoints: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = [SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)] * 2
+    ps = prompts(llm.config.vocab_size, [5, 8])
+    graphed = GraphedDecode(llm.model, capture=True)  # no CUDA here: capture fails on first use
+    tokens, _ = run_graphed(llm, graphed, ps, params)
+    assert tokens == [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
+    err = capsys.readouterr().err
+    assert err.count("CUDA graph capture failed") == 1 and "decoding eagerly" in err and not graphed.capture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_cuda_graphs_replay_the_eager_tokens(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32", device="cuda")
+    assert isinstance(llm.decode, GraphedDecode) and llm.decode.capture
+    params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (9, 14, 5)]
+    ps = prompts(llm.config.vocab_size, [7, 12, 4])
+    expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
+    tokens, _ = run_graphed(llm, llm.decode, ps, params)
+    assert tokens == expected and set(llm.decode.graphs) == {4, 2, 1}
 
 
 def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_result(checkpoints: dict) -> None:
