@@ -3,6 +3,7 @@ fallbacks."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kataru import kernels
-from kataru.model import Linear
+from kataru.model import Linear, upcast
 from kataru.quantize import Int4Linear, Int8Linear
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
@@ -195,6 +196,32 @@ def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients() -> None
     many = torch.randn(Linear.upcast_rows, 64).bfloat16()  # prefill rows take the float32 GEMM
     expected = F.linear(many.float(), linear.weight.float(), linear.bias.float()).bfloat16()
     assert torch.equal(linear(many), expected)
+
+
+def test_prefill_upcasts_into_a_buffer_kept_per_thread_and_never_under_autograd() -> None:
+    torch.manual_seed(0)
+    small, large = Linear(64, 48).bfloat16(), Linear(64, 96).bfloat16()
+    x = torch.randn(Linear.upcast_rows, 64).bfloat16()
+    with torch.no_grad():
+        first = upcast(large.weight)
+        assert torch.equal(first, large.weight.float())
+        second = upcast(small.weight)  # the same memory, reused
+        assert second.data_ptr() == first.data_ptr() and torch.equal(second, small.weight.float())
+        for layer in (small, large):
+            expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+            assert torch.equal(layer(x), expected)
+        elsewhere: list[int] = []
+        thread = threading.Thread(target=lambda: elsewhere.append(upcast(small.weight).data_ptr()))
+        thread.start()
+        thread.join()
+        assert elsewhere[0] != first.data_ptr()  # threads never share the buffer
+    # with autograd the upcast weight is kept for backward: a fresh tensor, and the right gradients
+    kept = upcast(small.weight), upcast(large.weight)
+    assert kept[0].data_ptr() != kept[1].data_ptr() != first.data_ptr()
+    leaf = x.float().requires_grad_(True)
+    small(leaf.bfloat16()).float().sum().backward()
+    assert small.weight.grad is not None and leaf.grad is not None
+    assert torch.allclose(leaf.grad, small.weight.float().sum(0).expand_as(leaf), rtol=2**-7, atol=1e-3)
 
 
 def test_without_a_compiler_torch_matmul_takes_over(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
