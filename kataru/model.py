@@ -62,7 +62,7 @@ UPCAST_SCRATCH_MAX = 128 << 20  # elements (512 MB): every layer of a 7B model, 
 
 def upcast(weight: Tensor) -> Tensor:
     """A bf16 weight as float32, in a buffer each thread keeps between calls: a fresh 100 MB allocation
-    per matmul costs more in page faults than the copy itself (about 1.14x on a 512-token prefill of the
+    per matmul costs more in page faults than the copy itself (about 1.15x on a 512-token prefill of the
     llm-jp-3.1-1.8b shape). The result is only valid until the thread's next call."""
     n = weight.numel()
     if n > UPCAST_SCRATCH_MAX or torch.is_grad_enabled():  # autograd keeps the weight for backward
