@@ -69,7 +69,8 @@ def upcast(weight: Tensor) -> Tensor:
         return weight.float()
     buffer = getattr(_upcast_scratch, "buffer", None)
     if buffer is None or buffer.numel() < n:
-        buffer = _upcast_scratch.buffer = torch.empty(n, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: writable under no_grad as well as inference mode
+            buffer = _upcast_scratch.buffer = torch.empty(n, dtype=torch.float32)
     return buffer[:n].view(weight.shape).copy_(weight)
 
 

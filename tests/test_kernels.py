@@ -202,7 +202,9 @@ def test_prefill_upcasts_into_a_buffer_kept_per_thread_and_never_under_autograd(
     torch.manual_seed(0)
     small, large = Linear(64, 48).bfloat16(), Linear(64, 96).bfloat16()
     x = torch.randn(Linear.upcast_rows, 64).bfloat16()
-    with torch.no_grad():
+    with torch.inference_mode():  # the buffer made in inference mode (generation) ...
+        upcast(large.weight)
+    with torch.no_grad():  # ... serves plain no_grad code too
         first = upcast(large.weight)
         assert torch.equal(first, large.weight.float())
         second = upcast(small.weight)  # the same memory, reused
