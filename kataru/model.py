@@ -130,6 +130,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() // x.shape[-1] < Linear.upcast_rows and kernels.norm_applicable(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)  # a decode step's rows: one call, not eight ops
         # Normalise in float32 as the reference implementations do, scale in the working dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kataru import kernels
-from kataru.model import Linear, upcast
+from kataru.model import Linear, RMSNorm, upcast
 from kataru.quantize import Int4Linear, Int8Linear
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
@@ -271,6 +271,37 @@ def test_quantized_prefill_takes_the_decode_kernels_and_autograd_the_dequantized
     assert torch.equal(y, F.linear(x.float(), weight, linear.bias.float()).bfloat16())
     y.float().sum().backward()
     assert torch.allclose(x.grad.float(), weight.sum(0).expand(len(x), -1), rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_differs_from_torchs_only_by_the_order_of_one_sum(dtype: torch.dtype) -> None:
+    """The kernel sums the squares in another order than torch. Both sums of d positive terms lie within
+    d * 2^-24 (relative) of the exact one, and 1/sqrt halves that, so float32 results agree within d * 2^-24
+    plus a few roundings; in bf16 that moves an element by one rounding step (2^-8), and only rarely."""
+    torch.manual_seed(0)
+    d = 2048 + 3  # a tail past the last vector
+    norm = RMSNorm(d, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    x = (torch.randn(5, 1, d) * 3).to(dtype)
+    with torch.no_grad():
+        got = norm(x)  # a decode step's rows: the kernel
+        with kernels.disabled():
+            expected = norm(x)
+        many = torch.randn(Linear.upcast_rows, d).to(dtype)
+        with kernels.disabled():
+            by_torch = norm(many)
+        assert torch.equal(norm(many), by_torch)  # a prompt's rows: torch's ops
+    assert got.dtype == dtype and got.shape == x.shape
+    error = (got.double() - expected.double()).abs()
+    if dtype == torch.float32:
+        assert (error <= expected.double().abs() * (d + 4) * 2**-24).all()
+    else:
+        assert (error <= expected.double().abs() * 2**-8).all()
+        assert (got != expected).double().mean() < 0.01
+    trainable = norm.float().requires_grad_(True)  # autograd needs torch's ops
+    assert trainable(x.float()).grad_fn is not None
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,

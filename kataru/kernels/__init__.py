@@ -1,5 +1,5 @@
 """CPU kernels for decoding, compiled on first use with the system's C compiler: matmuls for bf16, int8 and
-4-bit weights (`linear.c`) and one-query attention over the KV cache (`attention.c`).
+4-bit weights (`linear.c`), one-query attention over the KV cache (`attention.c`) and RMSNorm (`norm.c`).
 
 On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 matmul for a few rows streams
 the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "attention.c", "norm.c"))
 HEADER = Path(__file__).with_name("simd.h")  # included by both
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")  # FMA only where written
 
@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL | None:
                 lib.kataru_decode_attention.argtypes = [*[pointer] * 2, size, *[pointer] * 5, *[size] * 6,
                                                         ctypes.c_float, flag, flag, threads]
                 lib.kataru_decode_attention.restype = None
+                lib.kataru_rms_norm.argtypes = [*[pointer] * 3, size, size, ctypes.c_float, flag]
+                lib.kataru_rms_norm.restype = None
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
                            lib.kataru_linear_int4):
                     fn.restype = None
@@ -225,6 +227,23 @@ def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, 
     return _shaped(y, x)
 
 
+def norm_applicable(x: Tensor, weight: Tensor) -> bool:
+    """Whether few rows of x (a decode step's) can take `rms_norm` with this weight."""
+    return (x.device.type == "cpu" and x.dtype in ACTIVATIONS and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and applicable(weight))
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`model.RMSNorm` for CPU rows in float32 or bf16 with a weight of the same type, in one call."""
+    lib = _loaded("rms_norm")
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows)
+    lib.kataru_rms_norm(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
+                        int(x.dtype == torch.bfloat16))
+    return out.view(x.shape)
+
+
 def attention_applicable(cache: Tensor, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a one-token decode step with activations of `dtype` can attend over this CPU cache on
     `decode_attention`."""
@@ -295,6 +314,9 @@ _define("decode_attention(Tensor qkv, Tensor? rope, Tensor(a!) k_cache, Tensor(b
         qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1]))
 
 
+_define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", lambda x, weight, eps: torch.empty_like(x))
+
+
 # What the model calls: each kernel directly, or its operator inside a torch.compile trace.
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     op = torch.ops.kataru.linear_bf16 if torch.compiler.is_compiling() else _linear_bf16
@@ -315,3 +337,8 @@ def decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache:
                      n_head: int, window: int | None = None) -> Tensor:
     op = torch.ops.kataru.decode_attention if torch.compiler.is_compiling() else _decode_attention
     return op(qkv, rope, k_cache, v_cache, rows, slots, n_head, window)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    op = torch.ops.kataru.rms_norm if torch.compiler.is_compiling() else _rms_norm
+    return op(x, weight, eps)
