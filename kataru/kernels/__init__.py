@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "attention.c", "norm.c"))
-HEADER = Path(__file__).with_name("simd.h")  # included by both
+HEADER = Path(__file__).with_name("simd.h")  # included by every source
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")  # FMA only where written
 
 ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights

@@ -16,10 +16,6 @@
 
 #include "simd.h"
 
-static inline __m256 load8_of(const void *p, int64_t i, int bf16) {
-    return bf16 ? load8((const uint16_t *)p, i) : _mm256_loadu_ps((const float *)p + i);
-}
-
 /* e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
  * polynomial (relative error below 2e-7), 2^n through the exponent bits; below -87 the result is 0. */
 static inline __m256 exp8(__m256 x) {

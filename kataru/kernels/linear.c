@@ -5,9 +5,9 @@
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
  * and how few instructions each weight costs. A weight row (or tile of 8 rows) is read once for up to four
- * input rows (eight against 4-bit tiles) while it sits in L1, then again from L1 for the next ones. Output rows are split between threads of the OpenMP
- * runtime torch itself uses (one libgomp in the process); for many rows the input's quantization and the
- * output's rounding are split too.
+ * input rows (eight against 4-bit tiles) while it sits in L1, then again from L1 for the next ones. Output
+ * rows are split between threads of the OpenMP runtime torch itself uses (one libgomp in the process); for
+ * many rows the input's quantization and the output's rounding are split too.
  *
  * bf16: each weight becomes a float32 by a 16-bit shift and meets an FMA with the float32 input.
  * int8 and int4 (the scheme of llama.cpp's Q8_0 / Q4_1 dot products): the input row is first quantized to
@@ -207,8 +207,9 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
             int R = n + wide <= n1 ? wide : 1;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 Quantized part = in;
-                if (kind != BF16) part = (Quantized){in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
-                                                     in.blocks};
+                if (kind != BF16)
+                    part = (Quantized){in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
+                                       in.blocks};
                 rows(x + m0 * K, part, w, sm, y + m0 * N, K, N, n, M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
             }
             n += R;

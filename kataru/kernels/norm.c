@@ -9,10 +9,6 @@
 
 #include "simd.h"
 
-static inline __m256 load8_act(const void *p, int64_t i, int bf16) {
-    return bf16 ? load8((const uint16_t *)p, i) : _mm256_loadu_ps((const float *)p + i);
-}
-
 /* x, weight, out: [M, D] / [D] / [M, D] in the activation type (bf16 when act_bf16, else float32) */
 void kataru_rms_norm(const void *x, const void *weight, void *out, int64_t M, int64_t D, float eps, int act_bf16) {
     for (int64_t m = 0; m < M; m++) {
@@ -20,7 +16,7 @@ void kataru_rms_norm(const void *x, const void *weight, void *out, int64_t M, in
         __m256 acc = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 8 <= D; i += 8) {
-            __m256 v = load8_act(x, row + i, act_bf16);
+            __m256 v = load8_of(x, row + i, act_bf16);
             acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v)); /* each square rounded, as torch's pow(2) */
         }
         float sum = hsum(acc);

@@ -35,6 +35,11 @@ static inline __m256 load8(const uint16_t *w, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* eight values at element offset i of a bf16 (bf16 != 0) or float32 array, as float32 */
+static inline __m256 load8_of(const void *p, int64_t i, int bf16) {
+    return bf16 ? load8((const uint16_t *)p, i) : _mm256_loadu_ps((const float *)p + i);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
