@@ -47,13 +47,9 @@ class Linear(nn.Linear):
             if x.numel() // x.shape[-1] >= self.upcast_rows:
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), upcast(self.weight), bias).to(x.dtype)
-            if self.use_kernel(x):
+            if kernels.usable(x, self.weight):
                 return kernels.linear_bf16(x, self.weight, self.bias)
         return super().forward(x)
-
-    def use_kernel(self, x: Tensor) -> bool:
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return not wants_grad and kernels.applicable(self.weight)
 
 
 _upcast_scratch = threading.local()

@@ -32,11 +32,6 @@ from kataru.model import Linear
 METHODS = ("int8", "int4")
 
 
-def _kernel_fits(x: Tensor, weight: Tensor) -> bool:
-    """kataru's kernels take the rows on CPU, except where autograd must see the matmul."""
-    return not (torch.is_grad_enabled() and x.requires_grad) and kernels.applicable(weight)
-
-
 class Int8Linear(nn.Module):
     """int8 weights with one scale per output row. Where the shape allows (out % 8 == 0, in % 64 == 0) the
     weight is stored in the kernel's tiled layout (`kernels.tile_int8`), else row by row."""
@@ -78,7 +73,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         rows = x.numel() // shape[-1]
         cpu = x.device.type == "cpu"
-        if cpu and (rows < Linear.upcast_rows or self.tiled) and _kernel_fits(x, self.weight):
+        if cpu and (rows < Linear.upcast_rows or self.tiled) and kernels.usable(x, self.weight):
             return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, tiled=self.tiled)
         # otherwise on CPU: dequantize, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
         # several rows of a width that is not a multiple of 8, torch 2.13)
@@ -167,7 +162,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         cpu = x.device.type == "cpu"
-        if cpu and _kernel_fits(x, self.qweight):
+        if cpu and kernels.usable(x, self.qweight):
             return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
         if cpu and (flat.shape[0] >= Linear.upcast_rows or x.requires_grad):  # dequantize once, fp32 GEMM
             bias = None if self.bias is None else self.bias.float()

@@ -114,6 +114,12 @@ def applicable(weight: Tensor) -> bool:
     return weight.is_contiguous() and available()
 
 
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """`applicable(weight)`, and autograd needs nothing from this call (a ctypes call has no backward)."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return not wants_grad and applicable(weight)
+
+
 def _loaded(caller: str) -> ctypes.CDLL:
     """The library, for callers that checked `applicable` first."""
     lib = library()
@@ -229,9 +235,7 @@ def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, 
 
 def norm_applicable(x: Tensor, weight: Tensor) -> bool:
     """Whether few rows of x (a decode step's) can take `rms_norm` with this weight."""
-    return (x.device.type == "cpu" and x.dtype in ACTIVATIONS and weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and applicable(weight))
+    return x.device.type == "cpu" and x.dtype in ACTIVATIONS and weight.dtype == x.dtype and usable(x, weight)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
