@@ -259,13 +259,17 @@ def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
         except Exception as err:
             if state["fn"] is model:
                 raise
-            message = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-            print(f"kataru: torch.compile failed ({type(err).__name__}: {message}); decoding eagerly",
-                  file=sys.stderr)
+            print(f"kataru: torch.compile failed ({_reason(err)}); decoding eagerly", file=sys.stderr)
             state["fn"] = model
             return model(*args, **kwargs)
 
     return decode
+
+
+def _reason(err: BaseException) -> str:
+    """The error's type and the first line of its message: one line on stderr, not a compiler's trace."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
 def eager_decode(model: Transformer) -> Callable[..., torch.Tensor]:
@@ -313,9 +317,7 @@ class GraphedDecode:
         try:
             static, out, graph = self.graphs.get(len(inputs[0])) or self._capture(inputs)
         except Exception as err:  # no CUDA, an op that cannot be captured, ...
-            message = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-            print(f"kataru: CUDA graph capture failed ({type(err).__name__}: {message}); decoding eagerly",
-                  file=sys.stderr)
+            print(f"kataru: CUDA graph capture failed ({_reason(err)}); decoding eagerly", file=sys.stderr)
             self.capture = False
             return model(tokens, start=start, rows=rows, span=span)
         for buffer, value in zip(static, inputs, strict=True):
