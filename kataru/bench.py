@@ -9,7 +9,9 @@ bytes of weights a decode step reads.
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,20 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5, device: str = "
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
+
+
+def alternate(run: Callable[[], object], modes: dict[str, Callable[[], object]], blocks: int) -> dict[str, float]:
+    """Median seconds of `run` in each mode (each value switches its mode on), in alternating blocks so that
+    every mode meets the same machine load (this shared machine swings 20-40% between minutes). The last
+    mode stays switched on."""
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(blocks):
+        for name, switch in modes.items():
+            switch()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def synchronize(device: str | torch.device) -> None:

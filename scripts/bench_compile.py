@@ -9,12 +9,11 @@ usage: .venv/bin/python scripts/bench_compile.py [--shape llm-jp-3.1-1.8b] [--la
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
-from kataru.bench import shape_arguments, shape_engine
+from kataru.bench import alternate, shape_arguments, shape_engine
 from kataru.engine import compiled_decode
 
 
@@ -30,15 +29,13 @@ def main() -> None:
     for _ in range(3):  # prefill, then the compilation and its first runs
         engine.step()
     print(f"prefill and compilation: {time.perf_counter() - start:.1f} s")
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for _ in range(args.rounds):
-        for mode, fn in (("eager", model), ("compiled", compiled)):
-            engine.decode_fn = fn
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            times[mode].append((time.perf_counter() - start) / args.steps * 1e3)
-    eager, comp = (statistics.median(times[m]) for m in ("eager", "compiled"))
+    def steps() -> None:
+        for _ in range(args.steps):
+            engine.step()
+
+    medians = alternate(steps, {"eager": lambda: setattr(engine, "decode_fn", model),
+                                "compiled": lambda: setattr(engine, "decode_fn", compiled)}, args.rounds)
+    eager, comp = (medians[m] / args.steps * 1e3 for m in ("eager", "compiled"))
     label = " ".join([args.shape, *([f"{args.layers} layers"] if args.layers else []), args.quantize or "bf16"])
     print(f"{label}, batch {args.batch}, {torch.get_num_threads()} threads: eager {eager:.1f} ms/step, "
           f"compiled {comp:.1f} ms/step, {eager / comp:.2f}x (medians of {args.rounds} blocks of {args.steps} steps)")

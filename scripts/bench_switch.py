@@ -11,30 +11,12 @@ upcast: 512-token bf16 prefills upcasting each weight into a fresh tensor agains
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
 from kataru import kernels
 from kataru import model as kataru_model
-from kataru.bench import build_shape, shape_arguments, shape_engine
-
-
-def alternate(run: Callable[[], None], switch: Callable[[bool], None], blocks: int) -> tuple[float, float]:
-    """Median seconds of `run` with the speed-up off and on, alternating."""
-    times: tuple[list[float], list[float]] = ([], [])
-    try:
-        for _ in range(blocks):
-            for on in (False, True):
-                switch(on)
-                start = time.perf_counter()
-                run()
-                times[on].append(time.perf_counter() - start)
-    finally:
-        switch(True)
-    off, on_ = (sorted(t)[len(t) // 2] for t in times)
-    return off, on_
+from kataru.bench import alternate, build_shape, shape_arguments, shape_engine
 
 
 def main() -> None:
@@ -52,15 +34,16 @@ def main() -> None:
         engine.step()
         kernel = kernels.norm_applicable
 
-        def use_kernel(on: bool) -> None:
-            kernels.norm_applicable = kernel if on else (lambda x, w: False)
-
         def steps() -> None:
             for _ in range(args.steps):
                 engine.step()
 
-        off, on = alternate(steps, use_kernel, args.blocks)
-        off, on = off / args.steps * 1e3, on / args.steps * 1e3
+        try:
+            medians = alternate(steps, {"off": lambda: setattr(kernels, "norm_applicable", lambda x, w: False),
+                                        "on": lambda: setattr(kernels, "norm_applicable", kernel)}, args.blocks)
+        finally:
+            kernels.norm_applicable = kernel
+        off, on = medians["off"] / args.steps * 1e3, medians["on"] / args.steps * 1e3
         print(f"{args.shape} {args.quantize or 'bf16'}, batch {args.batch}: norms in torch {off:.1f} ms/step, "
               f"on the kernel {on:.1f} ms/step ({off / on:.3f}x; medians of {args.blocks} blocks)")
         return
@@ -69,15 +52,17 @@ def main() -> None:
     ids = torch.randint(3, model.config.vocab_size, (1, 512))
     limit = kataru_model.UPCAST_SCRATCH_MAX
 
-    def use_buffer(on: bool) -> None:
-        kataru_model.UPCAST_SCRATCH_MAX = limit if on else 0
-
     def prefill() -> None:
         with torch.inference_mode():
             model(ids, start=0, last_only=True)
 
     prefill()
-    off, on = alternate(prefill, use_buffer, args.blocks)
+    try:
+        medians = alternate(prefill, {"off": lambda: setattr(kataru_model, "UPCAST_SCRATCH_MAX", 0),
+                                      "on": lambda: setattr(kataru_model, "UPCAST_SCRATCH_MAX", limit)}, args.blocks)
+    finally:
+        kataru_model.UPCAST_SCRATCH_MAX = limit
+    off, on = medians["off"], medians["on"]
     print(f"{args.shape}, {model.config.n_layer} layers, 512-token bf16 prefill: fresh float32 weights "
           f"{off:.2f} s, kept buffer {on:.2f} s ({off / on:.3f}x; medians of {args.blocks})")
 

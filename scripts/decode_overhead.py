@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kataru import kernels
 from kataru import model as kataru_model
-from kataru.bench import shape_arguments, shape_engine
+from kataru.bench import alternate, shape_arguments, shape_engine
 
 
 class NoKernels:
@@ -73,19 +73,18 @@ def cheap_medians(engine: object, part: str, blocks: int = 6, steps: int = 10) -
         gate_up = self.w1(x)
         return self.w2(gate_up[..., : gate_up.shape[-1] // 2])
 
-    times: tuple[list[float], list[float]] = ([], [])
+    cheap = cheap_norm if part == "norm" else cheap_feed_forward
+
+    def run() -> None:
+        for _ in range(steps):
+            engine.step()  # type: ignore[attr-defined]
+
     try:
-        for _ in range(blocks):
-            for index, forward in enumerate((original, cheap_norm if part == "norm" else cheap_feed_forward)):
-                cls.forward = forward  # type: ignore[method-assign]
-                start = time.perf_counter()
-                for _ in range(steps):
-                    engine.step()  # type: ignore[attr-defined]
-                times[index].append((time.perf_counter() - start) / steps * 1e3)
+        medians = alternate(run, {"as is": lambda: setattr(cls, "forward", original),
+                                  "cheap": lambda: setattr(cls, "forward", cheap)}, blocks)
     finally:
         cls.forward = original  # type: ignore[method-assign]
-    return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
-
+    return medians["as is"] / steps * 1e3, medians["cheap"] / steps * 1e3
 
 if __name__ == "__main__":
     main()
