@@ -184,9 +184,11 @@ def shape_engine(args: Any, new_tokens: int, decode: Any = None) -> tuple[Transf
 def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int,
                 decode: Any = None) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 per row) on the continuous-batching engine: the first
-    step prefills and samples each row's first token, the rest are decode steps."""
+    step prefills every prompt whole (no chunks) and samples each row's first token, the rest are decode
+    steps."""
     vocab = model.config.vocab_size
-    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens, decode=decode)
+    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens, decode=decode,
+                    prefill_chunk=None)
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     for _ in range(batch):
         engine.submit(torch.randint(3, vocab, (prompt_len,)).tolist(), params)

@@ -2,10 +2,15 @@
 
 Each running request owns one row of the preallocated KV cache; rows hold sequences of any length, so a
 decode step writes each row's token at that row's own slot and masks every row to its own keys. A new
-request is prefilled alone into a free row, then decodes with the others. Memory is a budget of cache
-tokens: a request reserves its prompt plus max_new_tokens (capped at the context) and waits while the
-budget or the rows are taken; one that could never fit is refused at submission. Cancelling frees the
-row and the reservation at once. Greedy results equal running each request alone.
+request is prefilled alone into a free row, then decodes with the others. Long prompts are prefilled in
+chunks, at most `prefill_chunk` prompt tokens a step, with a decode step for the running requests after
+each: a long prompt delays their next token by one chunk's time, not the whole prompt's. A prompt's
+chunk boundaries depend only on the prompt (and the prefix it reuses), never on its neighbours.
+
+Memory is a budget of cache tokens: a request reserves its prompt plus max_new_tokens (capped at the
+context) and waits while the budget or the rows are taken; one that could never fit is refused at
+submission. Cancelling frees the row and the reservation at once. Greedy results equal running each
+request alone.
 
 Prefix reuse: a free row keeps the keys and values of the request that last used it, so a new request
 whose prompt starts with those tokens (the next turn of a chat, a shared system prompt) takes that row
@@ -45,6 +50,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     reserved: int = 0
+    prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
     queue: asyncio.Queue | None = None
@@ -55,18 +61,22 @@ class Request:
 
     @property
     def length(self) -> int:
-        """Tokens in the cache: the prompt and every generated token but the newest."""
-        return len(self.prompt) + max(len(self.tokens) - 1, 0)
+        """Tokens in the cache: the prompt (as far as prefilled) and every generated token but the newest."""
+        return self.prefilled + max(len(self.tokens) - 1, 0)
 
 
 class Engine:
     def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
                  max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
-                 decode: Callable[..., torch.Tensor] | None = None, prefix_reuse: bool = True) -> None:
+                 decode: Callable[..., torch.Tensor] | None = None, prefix_reuse: bool = True,
+                 prefill_chunk: int | None = 512) -> None:
         """row_len: cache slots per row (default the model's context); a request must fit in one row.
 
         decode: the one-token step to use (e.g. a `compiled_decode(model)` kept across engines).
+        prefill_chunk: prompt tokens prefilled per step at most (None: every admitted prompt whole in one step).
         """
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise KataruError(f"prefill_chunk must be a positive number of tokens (or None), got {prefill_chunk}")
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -77,9 +87,11 @@ class Engine:
         model.setup_caches(max_batch, self.row_len)
         self.free_rows = list(range(max_batch))
         self.prefix_reuse = prefix_reuse
+        self.prefill_chunk = prefill_chunk
         self.cached: dict[int, list[int]] = {}  # free row -> the tokens whose keys/values it still holds
         self.reused_tokens = 0
         self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()  # admitted (row and memory taken), prompt not all in the cache
         self.running: list[Request] = []
         self.reserved = 0
         self.ids = itertools.count(1)
@@ -124,16 +136,17 @@ class Engine:
         return self.budget - self.reserved
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     # --- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Step]:
-        """Admit what fits (prefill), then one decode step for every running request."""
-        events: list[Step] = []
+        """Admit what fits, prefill up to `prefill_chunk` prompt tokens, then one decode step for every request
+        that was running before (a request whose prefill ends here gets its first token from the prefill)."""
         running_before = list(self.running)
         while self.waiting and self.free_rows and self.waiting[0].reserved <= self.free_tokens:
-            events.append(self._prefill(self.waiting.popleft()))
+            self._admit(self.waiting.popleft())
+        events = self._prefill()
         if running_before:
             events += self._decode([r for r in running_before if not r.done])
         return events
@@ -160,18 +173,37 @@ class Engine:
         self.cached.pop(best, None)
         return best, reuse
 
-    def _prefill(self, request: Request) -> Step:
-        request.row, reuse = self._pick_row(request.prompt)
-        self.reused_tokens += reuse
+    def _admit(self, request: Request) -> None:
+        request.row, request.prefilled = self._pick_row(request.prompt)
+        self.reused_tokens += request.prefilled
         self.reserved += request.reserved
         device = self.model.tok_embeddings.weight.device
-        vocab = self.model.config.vocab_size
-        request.seen = seen_tokens(request.prompt, vocab, device)
+        request.seen = seen_tokens(request.prompt, self.model.config.vocab_size, device)
         request.generator = sampling_generator(request.params, device)
-        tokens = torch.tensor([request.prompt[reuse:]], device=device)
-        logits = self.model(tokens, start=reuse, rows=torch.tensor([request.row], device=device), last_only=True)
-        self.running.append(request)
-        return self._accept(request, logits[0, -1])
+        self.prefilling.append(request)
+
+    def _prefill(self) -> list[Step]:
+        """The next chunk of each prefilling request in turn while the step's chunk budget lasts (the first
+        always goes); a request whose prompt is all in the cache samples its first token and runs."""
+        events: list[Step] = []
+        device = self.model.tok_embeddings.weight.device
+        budget = self.prefill_chunk or sys.maxsize
+        spent = 0
+        while self.prefilling:
+            request = self.prefilling[0]
+            n = min(len(request.prompt) - request.prefilled, budget)
+            if spent and spent + n > budget:
+                break
+            tokens = torch.tensor([request.prompt[request.prefilled:request.prefilled + n]], device=device)
+            logits = self.model(tokens, start=request.prefilled, rows=torch.tensor([request.row], device=device),
+                                last_only=True)
+            request.prefilled += n
+            spent += n
+            if request.prefilled == len(request.prompt):
+                self.prefilling.popleft()
+                self.running.append(request)
+                events.append(self._accept(request, logits[0, -1]))
+        return events
 
     def _decode(self, batch: list[Request]) -> list[Step]:
         if not batch:
@@ -203,8 +235,8 @@ class Engine:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
-        if request in self.running:
-            self.running.remove(request)
+        if request in self.running or request in self.prefilling:
+            (self.running if request in self.running else self.prefilling).remove(request)
             self.reserved -= request.reserved
             assert request.row is not None
             self.free_rows.append(request.row)

@@ -58,6 +58,47 @@ def test_cancelling_a_neighbour_frees_its_row_and_leaves_others_unchanged(checkp
     assert keep.tokens == alone(llm, a, params)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_chunked_prefill_keeps_neighbours_decoding_and_matches_running_alone(family: str, checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints[family][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=10, do_sample=False, ignore_eos=True)
+    short, long, other = prompts(llm.config.vocab_size, [4, 37, 6])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3, prefill_chunk=8)
+    running = engine.submit(short, params)
+    engine.step()
+    late = engine.submit(long, params)  # 37 tokens: chunks of 8, 8, 8, 8, 5
+    neighbour = engine.submit(other, params)  # admitted, but its 6 tokens never share a step with late's chunks
+    got = []
+    for _ in range(5):
+        steps = engine.step()
+        got.append(len(running.tokens))
+        assert running.id in [s.row for s in steps]  # the running request decodes on every step
+    assert late.prefilled == 37 and late.tokens and got == [2, 3, 4, 5, 6]
+    assert neighbour in engine.prefilling and neighbour.prefilled == 0  # 5 + 6 > 8: its whole chunk waits
+    engine.run()
+    for request, prompt in ((running, short), (late, long), (neighbour, other)):
+        assert request.tokens == alone(llm, prompt, params)
+    with pytest.raises(KataruError, match="prefill_chunk must be a positive"):
+        Engine(llm.model, llm.eos_ids, prefill_chunk=0)
+
+
+def test_cancelling_during_chunked_prefill_frees_the_row_and_keeps_what_was_prefilled(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    (prompt,) = prompts(llm.config.vocab_size, [30])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=10)
+    request = engine.submit(prompt, params)
+    engine.step()
+    engine.step()
+    assert request.prefilled == 20 and engine.free_rows == [] and engine.reserved == request.reserved
+    engine.cancel(request)
+    assert request.finish_reason == "cancelled" and not request.tokens
+    assert engine.free_rows == [0] and engine.reserved == 0 and not engine.has_work()
+    again = engine.submit(prompt, params)  # the 20 tokens already in the row are not prefilled again
+    engine.run()
+    assert engine.reused_tokens == 20 and again.tokens == alone(llm, prompt, params)
+
+
 def test_budget_makes_requests_wait_and_refuses_what_never_fits(checkpoints: dict) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = SamplingParams(max_new_tokens=10, do_sample=False, ignore_eos=True)
