@@ -12,6 +12,10 @@ context) and waits while the budget or the rows are taken; one that could never 
 submission. Cancelling frees the row and the reservation at once. Greedy results equal running each
 request alone.
 
+`async for token in engine.stream(request)` runs the steps on one worker thread, so an event loop (the
+server's) stays free while a step computes; a cancel asked for during a step takes effect when it ends,
+and a step that fails ends every request's stream with one error instead of leaving them waiting.
+
 Prefix reuse: a free row keeps the keys and values of the request that last used it, so a new request
 whose prompt starts with those tokens (the next turn of a chat, a shared system prompt) takes that row
 and prefills only the rest.
@@ -28,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +59,7 @@ class Request:
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
-    queue: asyncio.Queue | None = None
+    wake: Callable[[], None] | None = None  # tells a `stream` that a token or the end came (from any thread)
 
     @property
     def done(self) -> bool:
@@ -96,6 +102,10 @@ class Engine:
         self.reserved = 0
         self.ids = itertools.count(1)
         self._loop_task: asyncio.Task | None = None
+        self._lock = threading.Lock()  # held by a step; the asyncio side runs steps on one worker thread
+        self._worker: ThreadPoolExecutor | None = None
+        self._cancels: list[Request] = []  # asked for while a step ran in the worker
+        self.failure: BaseException | None = None
         self.decode_fn: Callable[..., torch.Tensor] = decode or (compiled_decode(model) if compile
                                                                  else eager_decode(model))
 
@@ -125,11 +135,25 @@ class Engine:
         return request
 
     def cancel(self, request: Request) -> None:
+        """Free the request's row and memory now, or, while a step runs on another thread (`stream`), as soon
+        as that step ends: the step may be using them, and the caller (an event loop) must not wait for it."""
         if request.done:
             return
-        if request in self.waiting:
-            self.waiting.remove(request)
-        self._finish(request, "cancelled")
+        self._cancels.append(request)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_cancels()
+            finally:
+                self._lock.release()
+
+    def _apply_cancels(self) -> None:
+        while self._cancels:
+            request = self._cancels.pop()
+            if request.done:
+                continue
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self._finish(request, "cancelled")
 
     @property
     def free_tokens(self) -> int:
@@ -139,10 +163,16 @@ class Engine:
         return bool(self.waiting or self.prefilling or self.running)
 
     # --- the step ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[Step]:
         """Admit what fits, prefill up to `prefill_chunk` prompt tokens, then one decode step for every request
         that was running before (a request whose prefill ends here gets its first token from the prefill)."""
+        with self._lock:
+            events = self._step()
+            self._apply_cancels()  # those asked for while the step ran
+        return events
+
+    @torch.inference_mode()
+    def _step(self) -> list[Step]:
         running_before = list(self.running)
         while self.waiting and self.free_rows and self.waiting[0].reserved <= self.free_tokens:
             self._admit(self.waiting.popleft())
@@ -227,10 +257,10 @@ class Engine:
             reason = "stop"
         elif len(request.tokens) >= request.params.max_new_tokens or request.length + 1 >= self.context:
             reason = "length"
-        if request.queue is not None:
-            request.queue.put_nowait(token)
         if reason:
-            self._finish(request, reason)
+            self._finish(request, reason)  # which wakes the stream
+        elif request.wake is not None:
+            request.wake()
         return Step(request.id, token, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -242,8 +272,8 @@ class Engine:
             self.free_rows.append(request.row)
             self.cached[request.row] = (request.prompt + request.tokens)[:request.length]
             self.free_rows.sort()
-        if request.queue is not None:
-            request.queue.put_nowait(None)
+        if request.wake is not None:
+            request.wake()
 
     def run(self) -> None:
         """Step until every submitted request is done."""
@@ -252,26 +282,46 @@ class Engine:
 
     # --- async ---------------------------------------------------------------------------------------
     async def stream(self, request: Request) -> AsyncIterator[int]:
-        """Token ids of one request as they come; the engine steps in the background."""
-        if request.queue is None:
-            request.queue = asyncio.Queue()
-            for token in request.tokens:
-                request.queue.put_nowait(token)
-            if request.done:
-                request.queue.put_nowait(None)
+        """Token ids of one request as they come. The engine steps on a worker thread, so the event loop
+        (a server's) stays free while a step computes; tokens are read from `request.tokens` as the step
+        appends them, and `request.wake` tells this loop that there are more."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        request.wake = lambda: loop.call_soon_threadsafe(ready.set)
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._background())
+            self._loop_task = loop.create_task(self._background())
+        sent = 0
         try:
-            while (token := await request.queue.get()) is not None:
-                yield token
+            while True:
+                ready.clear()
+                while sent < len(request.tokens):
+                    yield request.tokens[sent]
+                    sent += 1
+                if request.done and sent == len(request.tokens):  # a request is done after its last token
+                    break
+                if sent == len(request.tokens):
+                    await ready.wait()
         finally:
-            if not request.done:  # the consumer went away: free the row now
+            request.wake = None
+            if not request.done:  # the consumer went away: free the row
                 self.cancel(request)
+        if request.finish_reason == "error":
+            raise KataruError(f"the engine failed ({_reason(self.failure)})") from self.failure
 
     async def _background(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kataru-engine")
         while self.has_work():
-            self.step()
-            await asyncio.sleep(0)
+            try:
+                await loop.run_in_executor(self._worker, self.step)
+            except Exception as err:  # end every request rather than leave their streams waiting forever
+                self.failure = err
+                with self._lock:
+                    for request in [*self.waiting, *self.prefilling, *self.running]:
+                        self._finish(request, "error")
+                    self.waiting.clear()
+                return
 
 
 def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -142,6 +143,68 @@ def test_async_stream(checkpoints: dict) -> None:
         return list(await asyncio.gather(*(collect(p) for p in ps)))
 
     assert asyncio.run(main()) == [alone(llm, p, params) for p in ps]
+
+
+def test_streams_step_on_a_worker_thread_and_cancel_without_waiting_for_the_step(checkpoints: dict) -> None:
+    """While a step computes, the event loop runs (a server answers); a cancel asked for then frees the row
+    as soon as the step ends, and the neighbour's tokens are those of running alone."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    a, b = prompts(llm.config.vocab_size, [7, 10])
+    step_started, release = threading.Event(), threading.Event()
+    threads = set()
+
+    def held_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.add(threading.get_ident())
+        if len(keep.tokens) == 3:  # one step is held until the loop side releases it
+            step_started.set()
+            assert release.wait(timeout=30), "the event loop never ran while the step was held"
+        return llm.model(*args, **kwargs)
+
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2, decode=held_decode)
+    keep, drop = engine.submit(a, params), engine.submit(b, params)
+
+    async def main() -> list[int]:
+        kept = asyncio.ensure_future(collect(keep))
+        dropped = asyncio.ensure_future(collect(drop))
+        while not step_started.is_set():
+            await asyncio.sleep(0.01)
+        engine.cancel(drop)  # returns at once: the held step owns the rows
+        assert drop.finish_reason is None and drop.row not in engine.free_rows
+        release.set()
+        assert (await dropped)[:len(drop.tokens)] == drop.tokens
+        assert drop.finish_reason == "cancelled" and drop.row in engine.free_rows
+        return await kept
+
+    async def collect(request):  # type: ignore[no-untyped-def]
+        return [t async for t in engine.stream(request)]
+
+    assert asyncio.run(main()) == alone(llm, a, params)
+    assert threading.get_ident() not in threads and len(threads) == 1  # one worker thread, not the loop's
+    assert engine.reserved == 0 and sorted(engine.free_rows) == [0, 1]
+
+
+def test_a_failing_step_ends_every_stream_with_one_clear_error(checkpoints: dict) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("device lost\nmore detail")
+
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1, decode=broken)
+    first, queued = (engine.submit(p, params) for p in prompts(llm.config.vocab_size, [5, 6]))
+
+    async def collect(request):  # type: ignore[no-untyped-def]
+        return [t async for t in engine.stream(request)]
+
+    async def main() -> list:
+        return await asyncio.gather(collect(first), collect(queued), return_exceptions=True)
+
+    results = asyncio.run(main())
+    for result in results:
+        assert isinstance(result, KataruError) and str(result) == "the engine failed (RuntimeError: device lost)"
+    assert first.finish_reason == queued.finish_reason == "error" and not engine.has_work()
+    assert engine.reserved == 0 and engine.free_rows == [0]
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
