@@ -404,10 +404,18 @@ class GraphedDecode:
             return model(tokens, start=start, rows=rows, span=span)
         for buffer, value in zip(static, inputs, strict=True):
             buffer.copy_(value)
-        graph.replay()
+        with torch.cuda.device(out.device):  # see _capture
+            graph.replay()
         return out[:b].clone()  # the graph's output buffer is overwritten by the next replay
 
     def _capture(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]:
+        # Streams and graphs belong to the current device, which is per thread (the engine's worker thread
+        # starts on device 0): make it the model's.
+        with torch.cuda.device(inputs[0].device):
+            return self._capture_on_device(inputs)
+
+    def _capture_on_device(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                         torch.cuda.CUDAGraph]:
         model = self.model
         static = [t.clone() for t in inputs]
 
