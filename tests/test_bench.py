@@ -56,3 +56,15 @@ def test_quality_reports_perplexity_per_method(checkpoints: dict, tmp_path, caps
     assert 1 < base < 10 * 439  # a random model over a 439-token vocabulary is near uniform
     assert abs(int8 / base - 1) < 0.05  # int8 barely moves it (see test_quantize for the bound)
     assert int4 > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_tiny_on_cuda(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
+                 "--new-tokens", "4", "--device", "cuda", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"].startswith("cuda") and report["gpu"] and report["peak_gpu_gb"] > 0
+    assert not report["bf16_kernel"]  # kataru's CPU kernels have no part on a GPU
+    assert [r["engine"] for r in report["results"]] == ["kataru", "kataru int8", "kataru int4", "transformers"]
+    for r in report["results"]:
+        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b8_tok_s"] > 0

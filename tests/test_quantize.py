@@ -76,3 +76,44 @@ def test_quantized_model_stays_close_and_reloads(method: str, checkpoints: dict,
     marker.write_text(json.dumps(old))
     with pytest.raises(KataruError, match=r"older layout.*quantize the original checkpoint again"):
         kataru.load(tmp_path / "q")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's packed kernels)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_linears_on_cuda_compute_their_dequantized_weights(method: str) -> None:
+    """On a GPU the layers take torch's packed kernels with bf16 activations: the product of the dequantized
+    weight up to bf16 rounding (2^-8 relative per weight and for the output, summed over |x||w|: 1/64 is a
+    4x margin)."""
+    linear = layer(out_features=128, in_features=256)
+    module = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear, group_size=64)
+    weight = (module.plain_weight().float() * module.scales.float()[:, None] if method == "int8"
+              else module.dequantize())
+    x = torch.randn(5, 256).bfloat16()
+    exact = x.float() @ weight.t() + module.bias.float()
+    got = module.cuda()(x.cuda()).float().cpu()
+    bound = x.float().abs() @ weight.abs().t() / 64 + 1e-2
+    assert ((got - exact).abs() <= bound).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_on_cuda_stays_close_and_batches_like_alone(method: str, checkpoints: dict) -> None:
+    from kataru.engine import Engine
+    from kataru.generation import SamplingParams, decode_steps
+
+    folder = checkpoints["llama"][0]
+    base = kataru.load(folder, dtype="bfloat16", device="cuda")
+    quant = kataru.load(folder, dtype="bfloat16", quantize=method, device="cuda")
+    ids = [list(range(5, 60))]
+    cosine = torch.nn.functional.cosine_similarity(base.logits(ids).flatten(), quant.logits(ids).flatten(), dim=0)
+    assert cosine > (0.995 if method == "int8" else 0.85)  # the bounds of the CPU test above
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    prompts = [list(range(5, 5 + n)) for n in (4, 11, 7)]
+    alone = [[s.token_id for s in decode_steps(quant.model, [p], [params], quant.eos_ids)] for p in prompts]
+    engine = Engine(quant.model, quant.eos_ids, max_batch=3)  # its decode step replays CUDA graphs
+    requests = [engine.submit(p, params) for p in prompts]
+    engine.run()
+    assert [r.tokens for r in requests] == alone
