@@ -194,8 +194,7 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
     if model.tok_embeddings.weight.dtype == torch.float16 and method == "int8":  # type: ignore[union-attr]
         raise KataruError("int8 runs with bfloat16 or float32 activations; load with --dtype bfloat16")
     if not inplace:
-        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-        model = copy.deepcopy(model, memo=shared)
+        model = _copy_without_caches(model)
 
     def convert(linear: nn.Linear) -> nn.Module:
         if _int4_fits(linear, method):
@@ -203,6 +202,18 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
         return Int8Linear.from_linear(linear)
 
     return _replace_linears(model, method, convert)
+
+
+def _copy_without_caches(model: nn.Module) -> nn.Module:
+    """A copy that shares the weights but not the KV cache, nor the engine that owns the original's rows: an
+    engine on the copy must not overwrite what the original's engine keeps there (nor can an engine, with its
+    lock and worker thread, be copied)."""
+    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    memo.update({id(layer.attention.kv_cache): None for layer in model.layers})  # type: ignore[union-attr]
+    memo[id(model.cache_owner)] = None
+    clone = copy.deepcopy(model, memo)
+    clone.drop_caches()  # type: ignore[operator]
+    return clone
 
 
 def empty_quantized(model: nn.Module, method: str, group_size: int = 64) -> nn.Module:

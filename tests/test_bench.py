@@ -14,14 +14,15 @@ from kataru.config import ModelConfig
 
 
 def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "tiny", "--compare", "transformers", "--prompt-tokens", "64", "--new-tokens", "4",
-                 "--device", "cpu", "--json"]) == 0
+    assert main(["bench", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
+                 "--new-tokens", "4", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and "peak_gpu_gb" not in report
     assert report["bf16_kernel"] == (report["dtype"] == "bfloat16" and kernels.available())
     # with kataru's CPU kernel, the same engine on torch's matmul is measured too
     torch_mm = ["kataru torch mm"] if report["bf16_kernel"] else []
-    assert [r["engine"] for r in report["results"]] == ["kataru", *torch_mm, "transformers"]
+    assert [r["engine"] for r in report["results"]] == ["kataru", *torch_mm, "kataru int8", "kataru int4",
+                                                        "transformers"]
     for r in report["results"]:
         assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b8_tok_s"] > 0
     assert set(report["ratios"]) == {"prefill", "decode_b1", "decode_b8"}

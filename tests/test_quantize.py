@@ -78,6 +78,34 @@ def test_quantized_model_stays_close_and_reloads(method: str, checkpoints: dict,
         kataru.load(tmp_path / "q")
 
 
+
+def test_a_quantized_copy_leaves_the_original_and_its_engine_alone(checkpoints: dict) -> None:
+    """`kataru bench` quantizes a copy of a model that an engine has already run on: the copy shares the
+    weights, not the cache rows the original's engine keeps prefixes in (nor the engine)."""
+    from kataru.engine import Engine
+    from kataru.generation import SamplingParams, decode_steps
+    from kataru.quantize import quantize
+
+    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16")
+    params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    first = list(range(5, 30))
+    follow_up = [*first, 40, 41, 42]
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
+    engine.submit(first, params)
+    engine.run()
+    copy = quantize(llm.model, "int8", inplace=False)
+    assert copy.tok_embeddings.weight is llm.model.tok_embeddings.weight
+    assert copy.cache_rows == 0 and copy.layers[0].attention.kv_cache is None and copy.cache_owner is None
+    other = Engine(copy, llm.eos_ids, max_batch=2)
+    other.submit(list(range(60, 90)), params)
+    other.run()
+    request = engine.submit(follow_up, params)  # reuses the first prompt's row, which the copy did not touch
+    engine.run()
+    assert engine.reused_tokens == len(first)
+    engine.model.cache_owner = None  # decode_steps below writes the cache anew
+    alone = [s.token_id for s in decode_steps(llm.model, [follow_up], [params], llm.eos_ids)]
+    assert request.tokens == alone
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's packed kernels)")
 
 
