@@ -13,6 +13,8 @@ rows of a batch may be left-padded, so every call takes per-row rotary positions
 from __future__ import annotations
 
 import threading
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +270,17 @@ class Transformer(nn.Module):
         self.rotary = Rotary(config)
         self.cache_rows = 0
         self.cache_len = 0
-        self.cache_owner: object = None  # the Engine whose rows the cache holds (see Engine._pick_row)
+        self._cache_owner: weakref.ref | None = None
+
+    @property
+    def cache_owner(self) -> Any:
+        """The Engine whose rows the cache holds (see Engine._pick_row). Held weakly: a model does not keep its
+        engine alive, and copying the model does not copy the engine (its lock and worker thread cannot be)."""
+        return None if self._cache_owner is None else self._cache_owner()
+
+    @cache_owner.setter
+    def cache_owner(self, owner: Any) -> None:
+        self._cache_owner = None if owner is None else weakref.ref(owner)
 
     def setup_caches(self, max_batch: int, max_seq_len: int, keep: bool = False) -> None:
         """Preallocate the KV cache (reused when the request fits what is already there).

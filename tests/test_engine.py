@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import gc
 import threading
 
 import pytest
@@ -348,6 +350,26 @@ def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_result(checkpoi
     assert engine.reused_tokens == len(first_prompt) + len(first.tokens) - 1  # unchanged: nothing trusted
     assert third.tokens == alone(llm, follow_up + second.tokens, params)
 
+
+
+def test_a_model_holds_its_engine_weakly(checkpoints: dict) -> None:
+    """The model remembers which engine wrote its cache rows without keeping it alive, so copying a model an
+    engine ran on copies weights and cache but not the engine (whose lock cannot be copied)."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    params = SamplingParams(max_new_tokens=4, do_sample=False, ignore_eos=True)
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1)
+    first = engine.submit([5, 6, 7, 8], params)
+    engine.run()
+    assert llm.model.cache_owner is engine
+    clone = copy.deepcopy(llm.model)
+    assert torch.equal(clone.layers[0].attention.kv_cache.k, llm.model.layers[0].attention.kv_cache.k)
+    other = Engine(clone, llm.eos_ids, max_batch=1)
+    again = other.submit([5, 6, 7, 8], params)
+    other.run()
+    assert again.tokens == first.tokens and other.reused_tokens == 0  # it trusts no row it did not write
+    del engine, first
+    gc.collect()
+    assert llm.model.cache_owner is None
 
 def test_chat_turns_reuse_the_previous_turn(checkpoints: dict) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
