@@ -13,10 +13,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from kataru import kernels
 from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
@@ -89,6 +91,14 @@ def alternate(run: Callable[[], object], modes: dict[str, Callable[[], object]],
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Each figure's median over the rounds of one engine."""
+    def mid(key: str) -> float:
+        return statistics.median(getattr(r, key) for r in runs)
+
+    return Result(runs[0].engine, mid("prefill_tok_s"), mid("ttft_s"), mid("decode_b1_tok_s"), mid("decode_b8_tok_s"))
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -232,9 +242,12 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
 def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
               prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
               quantize: list[str] | None = None, compile: bool = False, context: int = 16,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", rounds: int = 1, progress: bool = True) -> dict[str, Any]:
     """context: the prompt tokens each row holds before the timed decode steps (attention reads them all).
-    device: where both engines run (a seed shape is built on the CPU, then moved)."""
+    device: where both engines run (a seed shape is built on the CPU, then moved).
+    rounds: every engine is measured this many times, taking turns; each figure is the median."""
+    if rounds < 1:
+        raise KataruError(f"--rounds {rounds}: measure each engine at least once")
     if new_tokens < 2:
         raise KataruError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens (the first comes "
                           "with the prefill)")
@@ -279,40 +292,61 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         _, decode1 = time_kataru(m, context, new_tokens, 1, decode)
         _, decode8 = time_kataru(m, context, new_tokens, 8, decode)
         steps = new_tokens - 1
-        return Result(name, prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8,
-                      (steps / decode1) / roofline)
+        return Result(name, prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8)
 
-    results = [measure("kataru", model)]
-    kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
-    if kernel:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add, in the same run
+    def measure_torch_mm() -> Result:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add
         with kernels.disabled():
-            results.append(measure("kataru torch mm", model))
-    if compile:
-        results.append(measure("kataru compiled", model, compiled_decode(model)))
-    for method in quantize or []:
+            return measure("kataru torch mm", model)
+
+    def measure_quantized(method: str, compiled: bool) -> Result:
+        # quantized anew each round rather than kept: a 7B model's quantized copies do not fit beside it
         quantized = quantize_model(model, method, inplace=False)
-        rows = [measure(f"kataru {method}", quantized)]
-        if compile:
-            rows.append(measure(f"kataru {method} compiled", quantized, compiled_decode(quantized)))
-        for row in rows:
-            row.roofline_fraction = None  # the roofline above is for the unquantized weights
-        results += rows
-        del quantized
-    if reference is not None:
+        name = f"kataru {method}" + (" compiled" if compiled else "")
+        return measure(name, quantized, compiled_decode(quantized) if compiled else None)
+
+    def measure_transformers() -> Result:
+        assert reference is not None
         time_transformers(reference, 16, 2, 1)
         prefill_t, _ = time_transformers(reference, prompt_len, 1, 1)
         _, decode1_t = time_transformers(reference, context, new_tokens, 1)
         _, decode8_t = time_transformers(reference, context, new_tokens, 8)
         steps = new_tokens - 1
-        results.append(Result("transformers", prompt_len / prefill_t, prefill_t, steps / decode1_t,
-                              8 * steps / decode8_t, (steps / decode1_t) / roofline))
+        return Result("transformers", prompt_len / prefill_t, prefill_t, steps / decode1_t, 8 * steps / decode8_t)
+
+    contestants: dict[str, Callable[[], Result]] = {"kataru": lambda: measure("kataru", model)}
+    kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
+    if kernel:
+        contestants["kataru torch mm"] = measure_torch_mm
+    if compile:
+        compiled = compiled_decode(model)
+        contestants["kataru compiled"] = lambda: measure("kataru compiled", model, compiled)
+    for method in quantize or []:
+        contestants[f"kataru {method}"] = partial(measure_quantized, method, False)
+        if compile:
+            contestants[f"kataru {method} compiled"] = partial(measure_quantized, method, True)
+    if reference is not None:
+        contestants["transformers"] = measure_transformers
+    # Every engine runs once per round, in the same order, and each figure is the median of its rounds: this
+    # shared machine's load swings between minutes, and rounds let every engine meet the same swings.
+    runs: dict[str, list[Result]] = {name: [] for name in contestants}
+    with tqdm(total=rounds * len(contestants), desc="bench", unit="run", disable=not progress) as bar:
+        for _ in range(rounds):
+            for name, run in contestants.items():
+                bar.set_postfix_str(name)
+                runs[name].append(run())
+                bar.update()
+    results = [median_result(r) for r in runs.values()]
+    for r in results:  # the roofline is that of the unquantized weights
+        quantized = any(r.engine.startswith(f"kataru {method}") for method in quantize or [])
+        r.roofline_fraction = None if quantized else r.decode_b1_tok_s / roofline
     report: dict[str, Any] = {
         "target": target, "family": config.family, "dtype": str(torch_dtype).removeprefix("torch."),
         "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "decode_context": context,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "torch": torch.__version__, "bf16_kernel": kernel, "device": device, "results": [asdict(r) for r in results],
+        "torch": torch.__version__, "bf16_kernel": kernel, "device": device, "rounds": rounds,
+        "results": [asdict(r) for r in results],
     }
     if torch.device(device).type == "cuda":
         report["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -334,7 +368,8 @@ def format_table(report: dict[str, Any]) -> str:
              f"memory bandwidth {report['bandwidth_gbs']:.1f} GB/s -> decode roofline "
              f"{report['roofline_decode_tok_s']:.1f} tok/s; {peak}",
              f"prefill {report['prompt_tokens']} tokens; decode {report['new_tokens']} tokens per row after "
-             f"{report.get('decode_context', 16)}", ""]
+             f"{report.get('decode_context', 16)}" + (f"; medians of {report['rounds']} rounds"
+                                                        if report.get("rounds", 1) > 1 else ""), ""]
     header = f"{'engine':<20}{'prefill tok/s':>14}{'TTFT s':>9}{'decode b1':>11}{'decode b8':>11}{'roofline':>10}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
@@ -386,7 +421,8 @@ def main(args: Any) -> None:
         return
     report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
                        prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                       quantize=methods, compile=args.compile, context=args.context, device=args.device)
+                       quantize=methods, compile=args.compile, context=args.context, device=args.device,
+                       rounds=args.rounds)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)

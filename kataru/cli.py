@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int)
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (both engines run there)")
     bench.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="measure every engine this many times, taking turns, and report medians")
     bench.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
     bench.add_argument("--quality", action="store_true",
                        help="perplexity on held-out text for the dtype and each --quantize method (a folder)")

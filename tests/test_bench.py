@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kataru import kernels
-from kataru.bench import SHAPES, build_shape, format_table
+from kataru.bench import SHAPES, Result, build_shape, format_table, median_result
 from kataru.cli import main
 from kataru.config import ModelConfig
 
@@ -29,6 +29,24 @@ def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
     assert report["bandwidth_gbs"] > 0 and report["roofline_decode_tok_s"] > 0
     assert "kataru/transformers" in format_table(report)
 
+
+
+def test_rounds_take_turns_and_report_medians(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "tiny", "--rounds", "3", "--quantize", "int8", "--prompt-tokens", "32", "--new-tokens",
+                 "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    n = 3 * len(report["results"])
+    assert report["rounds"] == 3 and f"{n}/{n}" in captured.err  # the progress bar counts every run
+    assert report["results"][-1]["engine"] == "kataru int8" and report["results"][-1]["roofline_fraction"] is None
+    assert report["results"][0]["roofline_fraction"] > 0
+    assert "medians of 3 rounds" in format_table(report)
+    runs = [Result("k", p, 1 / p, d, 4 * d) for p, d in [(10.0, 3.0), (30.0, 1.0), (20.0, 2.0)]]
+    median = median_result(runs)
+    assert (median.engine, median.prefill_tok_s, median.ttft_s, median.decode_b1_tok_s, median.decode_b8_tok_s) == \
+        ("k", 20.0, 1 / 20, 2.0, 8.0)
+    assert main(["bench", "tiny", "--rounds", "0"]) == 2
+    assert "--rounds 0" in capsys.readouterr().err
 
 def test_bench_shapes_mirror_real_configs() -> None:
     assert ModelConfig.from_hf(SHAPES["gamma-7b"]).num_parameters() == 7_241_732_096  # Mistral-7B-v0.1
