@@ -52,6 +52,10 @@ def make_checkpoint(shape: str, folder: Path) -> None:
     from kataru.llm import DEFAULT_MODEL
 
     hf_config = shape_config(shape)
+    vocab = json.loads((Path(DEFAULT_MODEL) / "config.json").read_text())["vocab_size"]
+    if hf_config["vocab_size"] < vocab:
+        sys.exit(f"--shape {shape}: its vocabulary ({hf_config['vocab_size']}) is smaller than the embedded "
+                 f"model's tokenizer ({vocab}) whose ids the prompt uses; pick a seed shape")
     cls = getattr(transformers, HF_CLASSES[ModelConfig.from_hf(hf_config).family])
     torch.manual_seed(0)
     model = cls(cls.config_class(**{k: v for k, v in hf_config.items() if k != "model_type"}))
