@@ -205,12 +205,10 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
 
 
 def _copy_without_caches(model: nn.Module) -> nn.Module:
-    """A copy that shares the weights but not the KV cache, nor the engine that owns the original's rows: an
-    engine on the copy must not overwrite what the original's engine keeps there (nor can an engine, with its
-    lock and worker thread, be copied)."""
+    """A copy that shares the weights but has no KV cache yet: an engine on the copy must not overwrite the
+    rows in which the original's engine keeps its prefixes."""
     memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     memo.update({id(layer.attention.kv_cache): None for layer in model.layers})  # type: ignore[union-attr]
-    memo[id(model.cache_owner)] = None
     clone = copy.deepcopy(model, memo)
     clone.drop_caches()  # type: ignore[operator]
     return clone
