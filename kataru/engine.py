@@ -365,18 +365,22 @@ class GraphedDecode:
     A decode step launches hundreds of small kernels, each costing more to launch than to run at one token;
     a CUDA graph launches them all at once. A graph fixes every shape, so the batch is padded to a bucket
     (1, 2, 4, ... up to the cache's rows) by repeating its last row (the same key and value written to the
-    same slot again, its logits dropped), and every row attends over its whole cache row under the row mask
-    rather than over the longest row's span. One graph per bucket is captured on first use, after warm-up
-    runs on a side stream, and replayed with each step's inputs copied into its static buffers; a new KV
-    cache (the engine grew) drops them. With capture=False (the default off CUDA) the same static step runs
-    eagerly, which is what the CPU tests check. If capture fails, one line on stderr says so and decoding
-    goes on eagerly.
+    same slot again, its logits dropped), and the rows attend over a span bucket (64, 128, 256, ... slots
+    up to the cache's row length) under the row mask rather than over the longest row's exact span: the
+    attention gathers each row's keys and values up to the span, so a short row should not pay for the
+    whole cache row. One graph per (batch, span) bucket is captured on first use, after warm-up runs on a
+    side stream, and replayed with each step's inputs copied into its static buffers; a new KV cache (the
+    engine grew) drops them. With capture=False (the default off CUDA) the same static step runs eagerly,
+    which is what the CPU tests check. If capture fails, one line on stderr says so and decoding goes on
+    eagerly.
     """
+
+    min_span = 64
 
     def __init__(self, model: Transformer, capture: bool | None = None) -> None:
         self.model = model
         self.capture = model.tok_embeddings.weight.device.type == "cuda" if capture is None else capture
-        self.graphs: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.graphs: dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
         self.cache_id: tuple[int, int, int] | None = None
         self.pool: Any = None
 
@@ -388,8 +392,10 @@ class GraphedDecode:
             inputs = [torch.cat((t, t[-1:].expand(bucket - b, *t.shape[1:]))) for t in (tokens, start, rows)]
         else:
             inputs = [tokens, start, rows]
+        wanted = model.cache_len if span is None else span
+        span_bucket = min(max(self.min_span, 1 << (wanted - 1).bit_length()), model.cache_len)
         if not self.capture:
-            return model(inputs[0], start=inputs[1], rows=inputs[2], span=model.cache_len)[:b]
+            return model(inputs[0], start=inputs[1], rows=inputs[2], span=span_bucket)[:b]
         cache = model.layers[0].attention.kv_cache
         assert cache is not None, "setup_caches() before decoding"
         cache_id = (cache.k.data_ptr(), model.cache_rows, model.cache_len)
@@ -397,7 +403,7 @@ class GraphedDecode:
             self.graphs.clear()
             self.cache_id = cache_id
         try:
-            static, out, graph = self.graphs.get(len(inputs[0])) or self._capture(inputs)
+            static, out, graph = self.graphs.get((len(inputs[0]), span_bucket)) or self._capture(inputs, span_bucket)
         except Exception as err:  # no CUDA, an op that cannot be captured, ...
             print(f"kataru: CUDA graph capture failed ({_reason(err)}); decoding eagerly", file=sys.stderr)
             self.capture = False
@@ -408,19 +414,20 @@ class GraphedDecode:
             graph.replay()
         return out[:b].clone()  # the graph's output buffer is overwritten by the next replay
 
-    def _capture(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]:
+    def _capture(self, inputs: list[torch.Tensor], span: int) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                       torch.cuda.CUDAGraph]:
         # Streams and graphs belong to the current device, which is per thread (the engine's worker thread
         # starts on device 0): make it the model's.
         with torch.cuda.device(inputs[0].device):
-            return self._capture_on_device(inputs)
+            return self._capture_on_device(inputs, span)
 
-    def _capture_on_device(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                         torch.cuda.CUDAGraph]:
+    def _capture_on_device(self, inputs: list[torch.Tensor], span: int) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                                    torch.cuda.CUDAGraph]:
         model = self.model
         static = [t.clone() for t in inputs]
 
         def step() -> torch.Tensor:
-            return model(static[0], start=static[1], rows=static[2], span=model.cache_len)
+            return model(static[0], start=static[1], rows=static[2], span=span)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -432,5 +439,5 @@ class GraphedDecode:
         with torch.cuda.graph(graph, pool=self.pool):
             out = step()
         self.pool = graph.pool()
-        self.graphs[len(static[0])] = (static, out, graph)
+        self.graphs[(len(static[0]), span)] = (static, out, graph)
         return static, out, graph

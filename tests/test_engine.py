@@ -276,33 +276,41 @@ def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, m
 
 
 def run_graphed(llm: kataru.LLM, graphed: GraphedDecode, ps: list[list[int]],
-                params: list[SamplingParams]) -> tuple[list[list[int]], list[int]]:
-    """(each request's tokens, the batch sizes of the decode steps the model ran) on a 4-row engine."""
-    sizes: list[int] = []
-    hook = llm.model.register_forward_hook(
-        lambda module, args, kwargs, out: sizes.append(args[0].shape[0]) if args[0].shape[1] == 1 else None,
-        with_kwargs=True)
+                params: list[SamplingParams]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """(each request's tokens, (batch size, span, longest row's span) of each decode step the model ran) on a
+    4-row engine."""
+    steps: list[tuple[int, int, int]] = []
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        if args[0].shape[1] == 1:
+            steps.append((args[0].shape[0], kwargs["span"], int(kwargs["start"].max()) + 1))
+
+    hook = llm.model.register_forward_hook(record, with_kwargs=True)
     try:
         engine = Engine(llm.model, llm.eos_ids, max_batch=4, decode=graphed)
         requests = [engine.submit(p, q) for p, q in zip(ps, params, strict=True)]
         engine.run()
     finally:
         hook.remove()
-    return [r.tokens for r in requests], sizes
+    return [r.tokens for r in requests], steps
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict, use_kernels: bool) -> None:
     """The step CUDA graphs replay, run eagerly: three rows padded to four, then two and one as requests
-    finish, each attending over its whole cache row under the mask, give the tokens of running alone."""
+    finish, attending over a span bucket (64 slots, then 128 as the longest row passes 64) under the mask,
+    give the tokens of running alone."""
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (9, 14, 5)]
-    ps = prompts(llm.config.vocab_size, [7, 12, 4])
+    ps = prompts(llm.config.vocab_size, [7, 56, 4])
     with contextlib.nullcontext() if use_kernels else kernels.disabled():
         expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
-        tokens, sizes = run_graphed(llm, GraphedDecode(llm.model, capture=False), ps, params)
+        tokens, steps = run_graphed(llm, GraphedDecode(llm.model, capture=False), ps, params)
     assert tokens == expected
-    assert set(sizes) == {4, 2, 1}  # three rows ran as four; two as two, one as one
+    assert {size for size, _, _ in steps} == {4, 2, 1}  # three rows ran as four; two as two, one as one
+    assert {span for _, span, _ in steps} == {64, 128}
+    for _, span, longest in steps:  # the smallest bucket that holds the longest row
+        assert longest <= span and (span == 64 or longest > span // 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA graphs cannot be captured")
@@ -325,7 +333,7 @@ def test_cuda_graphs_replay_the_eager_tokens(checkpoints: dict) -> None:
     ps = prompts(llm.config.vocab_size, [7, 12, 4])
     expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
     tokens, _ = run_graphed(llm, llm.decode, ps, params)
-    assert tokens == expected and set(llm.decode.graphs) == {4, 2, 1}
+    assert tokens == expected and set(llm.decode.graphs) == {(4, 64), (2, 64), (1, 64)}
 
 
 def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_result(checkpoints: dict) -> None:
