@@ -168,7 +168,6 @@ def _finish(trainer: Any, out: Path) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from kataru.tokenizer import Tokenizer
     from kataru.train.export import llama_config
-    from kataru.train.loop import Trainer
     from kataru.train.pretrain import PretrainTask, load_trainable, new_model
 
     data = Path(args.data)
@@ -192,17 +191,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         model = new_model(hf, args.seed)
     if args.seq_len > hf["max_position_embeddings"]:
         raise KataruError(f"--seq-len {args.seq_len} exceeds the model context {hf['max_position_embeddings']}")
-    out = Path(args.out)
     task = PretrainTask(data, args.seq_len, hf, tokenizer_folder, args.eval_windows)
-    cfg = _train_config(args)
-    meta = {"name": "pretrain", "model": hf, "data": str(data), "seq_len": args.seq_len}
-    trainer = Trainer(model, task, cfg, out, meta, progress=not args.no_progress)
-    if args.resume:
-        trainer.resume()
-    elif trainer.latest() is not None:
-        raise KataruError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
-    trainer.run()
-    _finish(trainer, out)
+    _run(args, model, task, {"name": "pretrain", "model": hf, "data": str(data), "seq_len": args.seq_len})
 
 
 def _policy(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
