@@ -458,18 +458,16 @@ def heldout_texts(path: str | None, max_chars: int) -> list[str]:
 
 
 @torch.inference_mode()
-def perplexity(model: Transformer, token_lists: list[list[int]], window: int) -> float:
+def perplexity(model: Transformer, token_lists: list[list[int]], window: int, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over non-overlapping windows of each text."""
+    chunks = [ids[start:start + window + 1] for ids in token_lists for start in range(0, len(ids) - 1, window)]
+    chunks = [c for c in chunks if len(c) >= 2]
     nll, count = 0.0, 0
-    for ids in token_lists:
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window + 1]
-            if len(chunk) < 2:
-                continue
-            logits = model(torch.tensor([chunk[:-1]])).float()
-            target = torch.tensor(chunk[1:])
-            nll += torch.nn.functional.cross_entropy(logits[0], target, reduction="sum").item()
-            count += len(chunk) - 1
+    for chunk in tqdm(chunks, desc=desc, unit="window", leave=False):
+        logits = model(torch.tensor([chunk[:-1]])).float()
+        target = torch.tensor(chunk[1:])
+        nll += torch.nn.functional.cross_entropy(logits[0], target, reduction="sum").item()
+        count += len(chunk) - 1
     return float(torch.exp(torch.tensor(nll / count)))
 
 
@@ -483,9 +481,9 @@ def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, m
     llm = load(folder, dtype=dtype, progress=False)
     tokens = [llm.tokenizer.encode(t, add_special_tokens=True) for t in heldout_texts(text, max_chars)]
     window = min(window, llm.config.max_seq_len - 1)
-    rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window)}]
+    rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window, dtype)}]
     for method in methods:  # on kataru's kernels every row is quantized as in decoding, a window at once
-        ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window)
+        ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window, method)
         rows.append({"method": method, "perplexity": ppl})
     for row in rows:
         row["increase"] = row["perplexity"] / rows[0]["perplexity"] - 1

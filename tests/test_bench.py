@@ -68,9 +68,11 @@ def test_quality_reports_perplexity_per_method(checkpoints: dict, tmp_path, caps
     folder = checkpoints["llama"][0]
     assert main(["bench", str(folder), "--quality", "--quantize", "int8,int4", "--text", str(text), "--json",
                  "--dtype", "float32"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     methods = [r["method"] for r in report["rows"]]
     assert methods == ["float32", "int8", "int4"]
+    assert all(f"{m}: " in captured.err and "window" in captured.err for m in methods)  # a progress bar per method
     base, int8, int4 = (r["perplexity"] for r in report["rows"])
     assert 1 < base < 10 * 439  # a random model over a 439-token vocabulary is near uniform
     assert abs(int8 / base - 1) < 0.05  # int8 barely moves it (see test_quantize for the bound)
