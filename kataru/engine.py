@@ -372,7 +372,7 @@ class GraphedDecode:
     side stream, and replayed with each step's inputs copied into its static buffers; a new KV cache (the
     engine grew) drops them. With capture=False (the default off CUDA) the same static step runs eagerly,
     which is what the CPU tests check. If capture fails, one line on stderr says so and decoding goes on
-    eagerly.
+    eagerly at the batch's own shapes (padding only pays for itself in a graph).
     """
 
     min_span = 64
@@ -383,10 +383,13 @@ class GraphedDecode:
         self.graphs: dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
         self.cache_id: tuple[int, int, int] | None = None
         self.pool: Any = None
+        self.failed = False
 
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor, rows: torch.Tensor,
                  span: int | None = None) -> torch.Tensor:
         model, b = self.model, tokens.shape[0]
+        if self.failed:
+            return model(tokens, start=start, rows=rows, span=span)
         bucket = 1 << (b - 1).bit_length()
         if bucket <= model.cache_rows and bucket > b:
             inputs = [torch.cat((t, t[-1:].expand(bucket - b, *t.shape[1:]))) for t in (tokens, start, rows)]
@@ -406,7 +409,7 @@ class GraphedDecode:
             static, out, graph = self.graphs.get((len(inputs[0]), span_bucket)) or self._capture(inputs, span_bucket)
         except Exception as err:  # no CUDA, an op that cannot be captured, ...
             print(f"kataru: CUDA graph capture failed ({_reason(err)}); decoding eagerly", file=sys.stderr)
-            self.capture = False
+            self.capture, self.failed = False, True
             return model(tokens, start=start, rows=rows, span=span)
         for buffer, value in zip(static, inputs, strict=True):
             buffer.copy_(value)

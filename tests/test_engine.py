@@ -315,14 +315,16 @@ def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA graphs cannot be captured")
 def test_graph_capture_failure_falls_back_to_eager(checkpoints: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """After a failed capture the step runs at the batch's own shapes: three rows are not padded to four."""
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
-    params = [SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)] * 2
-    ps = prompts(llm.config.vocab_size, [5, 8])
+    params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (6, 9, 4)]
+    ps = prompts(llm.config.vocab_size, [5, 8, 3])
     graphed = GraphedDecode(llm.model, capture=True)  # no CUDA here: capture fails on first use
-    tokens, _ = run_graphed(llm, graphed, ps, params)
+    tokens, steps = run_graphed(llm, graphed, ps, params)
     assert tokens == [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
     err = capsys.readouterr().err
-    assert err.count("CUDA graph capture failed") == 1 and "decoding eagerly" in err and not graphed.capture
+    assert err.count("CUDA graph capture failed") == 1 and "decoding eagerly" in err and graphed.failed
+    assert {size for size, _, _ in steps} == {3, 2, 1} and not graphed.graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
