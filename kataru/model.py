@@ -37,9 +37,9 @@ class Linear(nn.Linear):
     """nn.Linear with two CPU paths for bf16 where torch's own bf16 matmul is slow (AVX2, no native bf16).
 
     Many rows (prefill): torch's bf16 GEMM is compute-bound (a 512-token prefill of the llm-jp-3.1-1.8b
-    shape measured 7 tok/s); upcasting the weight once per call and using the fp32 GEMM is 6x faster
-    from 64 rows up. Few rows (decode): `kataru.kernels` streams the bf16 weights once for the whole
-    batch, where torch's time grows with every row.
+    shape measured 7 tok/s); the fp32 GEMM on the weight converted to float32 is 6x faster from 64 rows up
+    (`upcast_matmul`). Few rows (decode): `kataru.kernels` streams the bf16 weights once for the whole batch,
+    where torch's time grows with every row.
     """
 
     upcast_rows = 32
@@ -47,29 +47,44 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
             if x.numel() // x.shape[-1] >= self.upcast_rows:
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), upcast(self.weight), bias).to(x.dtype)
+                return upcast_matmul(x, self.weight, self.bias)
             if kernels.usable(x, self.weight):
                 return kernels.linear_bf16(x, self.weight, self.bias)
         return super().forward(x)
 
 
 _upcast_scratch = threading.local()
-UPCAST_SCRATCH_MAX = 128 << 20  # elements (512 MB): every layer of a 7B model, not a large vocabulary's head
+UPCAST_TILE = 1 << 20  # weight elements converted per GEMM call: 4 MB of float32, which stays in cache
 
 
-def upcast(weight: Tensor) -> Tensor:
-    """A bf16 weight as float32, in a buffer each thread keeps between calls: a fresh 100 MB allocation
-    per matmul costs more in page faults than the copy itself (about 1.15x on a 512-token prefill of the
-    llm-jp-3.1-1.8b shape). The result is only valid until the thread's next call."""
-    n = weight.numel()
-    if n > UPCAST_SCRATCH_MAX or torch.is_grad_enabled():  # autograd keeps the weight for backward
-        return weight.float()
+def upcast_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T through the float32 GEMM, converting the bf16 weight a tile of output rows at a time.
+
+    Converting the whole weight first writes and reads back twice its bf16 bytes in float32 through memory;
+    a tile converted into a small buffer each thread keeps is still in cache when its GEMM reads it. On the
+    llm-jp-3.1-1.8b shape that makes a layer 1.8x faster at 32-64 rows, 1.4x at 128 and about even at 512
+    (`scripts/bench_switch.py upcast`). Under autograd the whole weight is converted, for backward.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    n, k = weight.shape
+    rows = min(n, max(8, UPCAST_TILE // k))
+    flat = x.reshape(-1, k).float().t()  # [k, tokens]: each tile's GEMM writes whole rows of out_t
+    out_t = torch.empty(n, flat.shape[1], dtype=torch.float32, device=x.device)
     buffer = getattr(_upcast_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < n:
+    if buffer is None or buffer.numel() < rows * k:
         with torch.inference_mode(False):  # a normal tensor: writable under no_grad as well as inference mode
-            buffer = _upcast_scratch.buffer = torch.empty(n, dtype=torch.float32)
-    return buffer[:n].view(weight.shape).copy_(weight)
+            buffer = _upcast_scratch.buffer = torch.empty(rows * k, dtype=torch.float32)
+    bias32 = None if bias is None else bias.float().unsqueeze(1)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        tile = buffer[:(j - i) * k].view(j - i, k).copy_(weight[i:j])
+        if bias32 is None:
+            torch.mm(tile, flat, out=out_t[i:j])
+        else:
+            torch.addmm(bias32[i:j], tile, flat, out=out_t[i:j])
+    out = out_t.t().to(x.dtype, memory_format=torch.contiguous_format)
+    return out.view(*x.shape[:-1], n)
 
 
 class KVCache(nn.Module):

@@ -3,9 +3,10 @@
 usage: .venv/bin/python scripts/bench_switch.py norm   [--shape llm-jp-3.1-1.8b] [--layers N] [--quantize int8|int4]
                                                        [--batch 1] [--blocks 6] [--steps 8]
        .venv/bin/python scripts/bench_switch.py upcast [--shape llm-jp-3.1-1.8b] [--layers 4] [--blocks 6]
+                                                       [--tokens 512]
 norm: decode steps with RMSNorm in torch's ops against kataru's kernel (`kernels/norm.c`).
-upcast: 512-token bf16 prefills upcasting each weight into a fresh tensor against the kept float32 buffer
-(`model.upcast`).
+upcast: bf16 prefills of --tokens tokens converting each weight to float32 whole before its GEMM against a
+tile of rows at a time (`model.upcast_matmul`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     shape_arguments(parser)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=512, help="upcast: prompt tokens per prefill")
     args = parser.parse_args()
     if args.switch == "norm":
         if not kernels.available():
@@ -48,9 +50,9 @@ def main() -> None:
               f"on the kernel {on:.1f} ms/step ({off / on:.3f}x; medians of {args.blocks} blocks)")
         return
     model, _ = build_shape(args.shape, args.layers or 4, torch.bfloat16, False)
-    model.setup_caches(1, 512)
-    ids = torch.randint(3, model.config.vocab_size, (1, 512))
-    limit = kataru_model.UPCAST_SCRATCH_MAX
+    model.setup_caches(1, args.tokens)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.tokens))
+    tile = kataru_model.UPCAST_TILE
 
     def prefill() -> None:
         with torch.inference_mode():
@@ -58,14 +60,13 @@ def main() -> None:
 
     prefill()
     try:
-        medians = alternate(prefill, {"off": lambda: setattr(kataru_model, "UPCAST_SCRATCH_MAX", 0),
-                                      "on": lambda: setattr(kataru_model, "UPCAST_SCRATCH_MAX", limit)}, args.blocks)
+        medians = alternate(prefill, {"whole": lambda: setattr(kataru_model, "UPCAST_TILE", 1 << 62),
+                                      "tiles": lambda: setattr(kataru_model, "UPCAST_TILE", tile)}, args.blocks)
     finally:
-        kataru_model.UPCAST_SCRATCH_MAX = limit
-    off, on = medians["off"], medians["on"]
-    print(f"{args.shape}, {model.config.n_layer} layers, 512-token bf16 prefill: fresh float32 weights "
-          f"{off:.2f} s, kept buffer {on:.2f} s ({off / on:.3f}x; medians of {args.blocks})")
-
+        kataru_model.UPCAST_TILE = tile
+    whole, tiles = medians["whole"], medians["tiles"]
+    print(f"{args.shape}, {model.config.n_layer} layers, {args.tokens}-token bf16 prefill: whole weights to float32 "
+          f"{whole:.3f} s, tiles of {tile} elements {tiles:.3f} s ({whole / tiles:.3f}x; medians of {args.blocks})")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kataru import kernels
-from kataru.model import Linear, RMSNorm, upcast
+from kataru import model as kataru_model
+from kataru.model import Linear, RMSNorm
 from kataru.quantize import Int4Linear, Int8Linear
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
@@ -198,28 +199,39 @@ def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients() -> None
     assert torch.equal(linear(many), expected)
 
 
-def test_prefill_upcasts_into_a_buffer_kept_per_thread_and_never_under_autograd() -> None:
+def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_under_autograd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
+    monkeypatch.setattr(kataru_model, "UPCAST_TILE", 640)  # 10 rows of 64: 96 rows are 9 whole tiles and one of 6
+    monkeypatch.setattr(kataru_model, "_upcast_scratch", threading.local())  # no buffer from earlier tests
     small, large = Linear(64, 48).bfloat16(), Linear(64, 96).bfloat16()
-    x = torch.randn(Linear.upcast_rows, 64).bfloat16()
+    headless = Linear(64, 96, bias=False).bfloat16()
+    x = torch.randn(2, Linear.upcast_rows, 64).bfloat16()
     with torch.inference_mode():  # the buffer made in inference mode (generation) ...
-        upcast(large.weight)
+        large(x)
+    first = kataru_model._upcast_scratch.buffer
+    assert first.numel() == 10 * 64  # one tile, not the weight
     with torch.no_grad():  # ... serves plain no_grad code too
-        first = upcast(large.weight)
-        assert torch.equal(first, large.weight.float())
-        second = upcast(small.weight)  # the same memory, reused
-        assert second.data_ptr() == first.data_ptr() and torch.equal(second, small.weight.float())
-        for layer in (small, large):
-            expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
-            assert torch.equal(layer(x), expected)
+        for layer in (small, large, headless):
+            bias = None if layer.bias is None else layer.bias.float()
+            expected = F.linear(x.float(), layer.weight.float(), bias)
+            got = layer(x)
+            assert got.shape == (2, Linear.upcast_rows, layer.out_features) and got.is_contiguous()
+            # the float32 result rounded once to bf16: within one rounding step of the exact product
+            assert ((got.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+        assert kataru_model._upcast_scratch.buffer is first  # the same memory, reused
         elsewhere: list[int] = []
-        thread = threading.Thread(target=lambda: elsewhere.append(upcast(small.weight).data_ptr()))
+
+        def in_another_thread() -> None:
+            with torch.no_grad():  # grad mode is per thread
+                small(x)
+            elsewhere.append(kataru_model._upcast_scratch.buffer.data_ptr())
+
+        thread = threading.Thread(target=in_another_thread)
         thread.start()
         thread.join()
         assert elsewhere[0] != first.data_ptr()  # threads never share the buffer
-    # with autograd the upcast weight is kept for backward: a fresh tensor, and the right gradients
-    kept = upcast(small.weight), upcast(large.weight)
-    assert kept[0].data_ptr() != kept[1].data_ptr() != first.data_ptr()
+    # with autograd the whole weight is converted and kept for backward: the right gradients
     leaf = x.float().requires_grad_(True)
     small(leaf.bfloat16()).float().sum().backward()
     assert small.weight.grad is not None and leaf.grad is not None
