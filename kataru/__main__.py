@@ -1,3 +1,3 @@
-from kataru.cli import main
+from kataru.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -14,4 +14,5 @@ if ! { .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.1
        .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"; } >"$log" 2>&1; then
   cat "$log" >&2; exit 1
 fi
+rm -f .venv/.kataru-*  # a stamp of another pyproject.toml no longer describes what is installed
 touch "$stamp"

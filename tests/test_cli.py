@@ -82,3 +82,17 @@ def test_chat_keeps_history(capsys: pytest.CaptureFixture, checkpoints: dict, mo
                            {"role": "user", "content": "東京の名所は？"}], temperature=0, max_new_tokens=6)
     assert out == first + "\n" + second + "\n"
     assert len(replies) >= 2
+
+
+def test_console_script_freezes_what_the_imports_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed `kataru` command keeps the collector off torch's import-time objects, then runs main."""
+    from importlib.metadata import entry_points
+
+    from kataru import cli
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "kataru"]
+    assert script.value == "kataru.cli:run"
+    order: list[str] = []
+    monkeypatch.setattr(cli.gc, "freeze", lambda: order.append("freeze"))
+    monkeypatch.setattr(cli, "main", lambda: order.append("main") or 0)
+    assert cli.run() == 0 and order == ["freeze", "main"]
