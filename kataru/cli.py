@@ -244,7 +244,7 @@ def run() -> int:
 
     torch's import leaves some 166,000 objects that live until exit; frozen, neither a collection during
     the run nor the interpreter's last one at exit walks them (`scripts/time-start.sh`: the first token
-    about 0.25 s and the exit about 0.55 s sooner). Not in main(), which tests call in-process.
+    0.1-0.3 s and the exit about 0.6 s sooner). Not in main(), which tests call in-process.
     """
     gc.freeze()
     return main()
