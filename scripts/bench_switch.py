@@ -68,5 +68,6 @@ def main() -> None:
     print(f"{args.shape}, {model.config.n_layer} layers, {args.tokens}-token bf16 prefill: whole weights to float32 "
           f"{whole:.3f} s, tiles of {tile} elements {tiles:.3f} s ({whole / tiles:.3f}x; medians of {args.blocks})")
 
+
 if __name__ == "__main__":
     main()
