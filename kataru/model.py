@@ -34,22 +34,23 @@ ACTIVATIONS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear with two CPU paths for bf16 where torch's own bf16 matmul is slow (AVX2, no native bf16).
+    """nn.Linear with two CPU paths for bf16 and fp16, where torch's own 16-bit matmuls are slow (AVX2, no
+    native bf16 or fp16 arithmetic).
 
     Many rows (prefill): torch's bf16 GEMM is compute-bound (a 512-token prefill of the llm-jp-3.1-1.8b
     shape measured 7 tok/s); the fp32 GEMM on the weight converted to float32 is 6x faster from 64 rows up
-    (`upcast_matmul`). Few rows (decode): `kataru.kernels` streams the bf16 weights once for the whole batch,
-    where torch's time grows with every row.
+    (`upcast_matmul`). Few rows (decode): `kataru.kernels` streams the 16-bit weights once for the whole
+    batch, where torch's time grows with every row.
     """
 
     upcast_rows = 32
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+        if x.device.type == "cpu" and x.dtype in kernels.HALF and self.weight.dtype == x.dtype:
             if x.numel() // x.shape[-1] >= self.upcast_rows:
                 return upcast_matmul(x, self.weight, self.bias)
             if kernels.usable(x, self.weight):
-                return kernels.linear_bf16(x, self.weight, self.bias)
+                return kernels.linear_half(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -58,9 +59,9 @@ UPCAST_TILE = 1 << 20  # weight elements converted per GEMM call: 4 MB of float3
 
 
 def upcast_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight.T through the float32 GEMM, converting the bf16 weight a tile of output rows at a time.
+    """x @ weight.T through the float32 GEMM, converting the 16-bit weight a tile of output rows at a time.
 
-    Converting the whole weight first writes and reads back twice its bf16 bytes in float32 through memory;
+    Converting the whole weight first writes and reads back twice its 16-bit bytes in float32 through memory;
     a tile converted into a small buffer each thread keeps is still in cache when its GEMM reads it. On the
     llm-jp-3.1-1.8b shape a prefill is 1.36x faster at 64 tokens, 1.16x at 128 and even at 512
     (`scripts/bench_switch.py upcast`). Where autograd needs the matmul, the whole weight is converted.

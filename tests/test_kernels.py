@@ -30,14 +30,17 @@ def operands(rows: int, k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, to
 @needs_kernel
 @pytest.mark.parametrize("k,n", [(256, 96), (70, 37), (5, 3)])  # k % 8 tails, odd n, k below one vector
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
-def test_error_is_within_float32_accumulation_and_one_bf16_rounding(rows: int, k: int, n: int) -> None:
+@pytest.mark.parametrize("dtype,rounding", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
+def test_error_is_within_float32_accumulation_and_one_rounding(rows: int, k: int, n: int, dtype: torch.dtype,
+                                                               rounding: float) -> None:
     """Summing k products in float32 errs by at most k * 2^-24 * sum|x w| (plus one more term for the bias);
-    rounding the result to bf16 adds at most 2^-8 of its size."""
-    x, w, b = operands(rows, k, n)
+    rounding the result to bf16 adds at most 2^-8 of its size, to fp16 2^-11 (weights and inputs in fp16 go
+    through the same float32 sums)."""
+    x, w, b = (t.to(dtype) for t in operands(rows, k, n))
     exact = x.double() @ w.double().t() + b.double()
-    got = kernels.linear_bf16(x, w, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    bound = 2**-8 * exact.abs() + (k + 1) * 2**-24 * (x.double().abs() @ w.double().abs().t() + b.double().abs())
+    got = kernels.linear_half(x, w, b)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    bound = rounding * exact.abs() + (k + 1) * 2**-24 * (x.double().abs() @ w.double().abs().t() + b.double().abs())
     assert ((got.double() - exact).abs() <= bound * 1.01).all()
 
 
@@ -154,7 +157,8 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch() -> None:
     _, q, scales, _ = int8_operands(40, 2048 + 24, 301)
     _, packed, scale_min, _, _ = int4_operands(40, 2048, 304, 64)
     tiled = kernels.tile_int8(q[:296, :2048])
-    for fn in (lambda rows: kernels.linear_bf16(rows, w), lambda rows: kernels.linear_int8(rows, q, scales),
+    for fn in (lambda rows: kernels.linear_half(rows, w), lambda rows: kernels.linear_half(rows, w.half()),
+               lambda rows: kernels.linear_int8(rows, q, scales),
                lambda rows: kernels.linear_int8(rows[:, :2048], tiled, scales[:296], tiled=True),
                lambda rows: kernels.linear_int4(rows[:, :2048], packed, scale_min, 64)):
         alone = torch.cat([fn(x[i:i + 1]) for i in range(40)])
@@ -171,7 +175,7 @@ def test_activations_in_any_type_get_the_same_sums_rounded_once() -> None:
     _, q, scales, _ = int8_operands(3, 2048, 304)
     _, packed, scale_min, _, _ = int4_operands(3, 2048, 304, 64)
     tiled = kernels.tile_int8(q)
-    for fn in (lambda rows, bias: kernels.linear_bf16(rows, w, bias),
+    for fn in (lambda rows, bias: kernels.linear_half(rows, w, bias),
                lambda rows, bias: kernels.linear_int8(rows, q, scales, bias),
                lambda rows, bias: kernels.linear_int8(rows, tiled, scales, bias, tiled=True),
                lambda rows, bias: kernels.linear_int4(rows, packed, scale_min, 64, bias)):
@@ -183,11 +187,11 @@ def test_activations_in_any_type_get_the_same_sums_rounded_once() -> None:
 
 
 @needs_kernel
-def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients() -> None:
+def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     linear = Linear(64, 48).bfloat16().requires_grad_(False)
     x = torch.randn(3, 64).bfloat16()
-    assert torch.equal(linear(x), kernels.linear_bf16(x, linear.weight, linear.bias))
+    assert torch.equal(linear(x), kernels.linear_half(x, linear.weight, linear.bias))
     with kernels.disabled():
         assert kernels.library() is None
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
@@ -197,6 +201,14 @@ def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients() -> None
     many = torch.randn(Linear.upcast_rows, 64).bfloat16()  # prefill rows take the float32 GEMM
     expected = F.linear(many.float(), linear.weight.float(), linear.bias.float()).bfloat16()
     assert torch.equal(linear(many), expected)
+    half = Linear(64, 48).half().requires_grad_(False)  # fp16 weights (checkpoints saved in fp16) take both paths
+    calls: list[int] = []
+    kernel = kernels.linear_half
+    monkeypatch.setattr(kernels, "linear_half", lambda rows, *args: calls.append(len(rows)) or kernel(rows, *args))
+    for rows in (x.half(), many.half()):
+        expected = F.linear(rows.float(), half.weight.float(), half.bias.float()).half()
+        assert torch.equal(half(rows), expected)
+    assert calls == [3]  # the decode rows on the kernel; the prefill rows on the float32 GEMM
 
 
 def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_under_autograd(

@@ -9,6 +9,7 @@ import torch
 from conftest import FAMILIES, make_checkpoint
 
 import kataru
+from kataru import kernels
 from kataru.generation import SamplingParams, decode_steps
 
 LOGIT_TOL = 1e-4
@@ -100,6 +101,26 @@ def test_tied_embeddings_and_bfloat16(tokenizer_dirs: dict, tmp_path: Path) -> N
     assert half.model.tok_embeddings.weight.dtype == torch.bfloat16
     # bfloat16 keeps 8 mantissa bits: logits of size ~5 stay within a few tenths.
     assert (half.logits(ids.tolist()) - expected).abs().max().item() < 0.5
+
+
+def test_float16_checkpoint_takes_the_cpu_paths(tokenizer_dirs: dict, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint saved in fp16 loads as fp16 (dtype auto) and runs on kataru's CPU paths: the prompt's rows
+    through the float32 GEMM over converted weight tiles, decode rows through the fp16 kernel, each rounding
+    once to fp16, so the logits stay within fp16's few bits of those of the same weights in float32."""
+    ref = make_checkpoint("gpt_neox", tokenizer_dirs, tmp_path)
+    ref.to(torch.float16).save_pretrained(tmp_path)
+    llm = kataru.load(tmp_path)
+    assert llm.model.tok_embeddings.weight.dtype == torch.float16
+    ids = torch.tensor(random_prompts(llm.config.vocab_size, [40]))
+    expected = reference_logits(ref.float(), ids)
+    assert (llm.logits(ids.tolist()) - expected).abs().max().item() < 0.05
+    if kernels.available():
+        calls: list[int] = []
+        kernel = kernels.linear_half
+        monkeypatch.setattr(kernels, "linear_half", lambda x, *args: calls.append(x.dtype) or kernel(x, *args))
+        out = llm.complete(["日本語のテスト"], raw=True, temperature=0, max_new_tokens=4, ignore_eos=True)[0]
+        assert len(out.token_ids) == 4 and calls and set(calls) == {torch.float16}
 
 
 def test_info_reports_the_checkpoint(checkpoints: dict) -> None:

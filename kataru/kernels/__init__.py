@@ -1,8 +1,8 @@
-"""CPU kernels for decoding, compiled on first use with the system's C compiler: matmuls for bf16, int8 and
-4-bit weights (`linear.c`), one-query attention over the KV cache (`attention.c`) and RMSNorm (`norm.c`).
+"""CPU kernels for decoding, compiled on first use with the system's C compiler: matmuls for bf16, fp16, int8
+and 4-bit weights (`linear.c`), one-query attention over the KV cache (`attention.c`) and RMSNorm (`norm.c`).
 
-On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 matmul for a few rows streams
-the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
+On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 and fp16 matmuls for a few rows
+stream the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
 decoding costs eight times batch 1. `linear.c` reads each weight once for every row of the batch at
 close to the bandwidth; for int8 and 4-bit weights it quantizes the input rows to int8 blocks and sums
 with integer dot products, as llama.cpp does. It is built once per source version into the user's cache
@@ -30,7 +30,8 @@ from torch import Tensor
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "attention.c", "norm.c"))
 HEADER = Path(__file__).with_name("simd.h")  # included by every source
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")  # FMA only where written
+# FMA only where written; F16C (fp16 weights) comes with every AVX2 CPU
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 
 ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "off": disabled() depth
@@ -84,6 +85,7 @@ def library() -> ctypes.CDLL | None:
                 pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 flag = ctypes.c_int
                 lib.kataru_linear_bf16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
+                lib.kataru_linear_f16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
                 lib.kataru_linear_int8.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int4.argtypes = [*[pointer] * 5, *[size] * 4, flag, threads]
@@ -92,8 +94,8 @@ def library() -> ctypes.CDLL | None:
                 lib.kataru_decode_attention.restype = None
                 lib.kataru_rms_norm.argtypes = [*[pointer] * 3, size, size, ctypes.c_float, flag]
                 lib.kataru_rms_norm.restype = None
-                for fn in (lib.kataru_linear_bf16, lib.kataru_linear_int8, lib.kataru_linear_int8_tiled,
-                           lib.kataru_linear_int4):
+                for fn in (lib.kataru_linear_bf16, lib.kataru_linear_f16, lib.kataru_linear_int8,
+                           lib.kataru_linear_int8_tiled, lib.kataru_linear_int4):
                     fn.restype = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 lib = None
@@ -144,16 +146,20 @@ def _shaped(y: Tensor, x: Tensor) -> Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
-def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear with a contiguous bf16 CPU weight (float32 accumulation, one rounding to x's dtype).
+HALF = (torch.bfloat16, torch.float16)  # the 16-bit float weights `linear_half` reads
+
+
+def _linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear with a contiguous bf16 or fp16 CPU weight (float32 accumulation, one rounding to x's dtype).
 
     The caller checks `applicable(weight)` and that no gradient is wanted.
     """
-    lib = _loaded("linear_bf16")
+    lib = _loaded("linear_half")
     n, k = weight.shape
     rows, y, bias, bf16 = _io(x, n, bias)
-    lib.kataru_linear_bf16(rows.data_ptr(), weight.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k, n, bf16,
-                           torch.get_num_threads())
+    fn = lib.kataru_linear_f16 if weight.dtype == torch.float16 else lib.kataru_linear_bf16
+    fn(rows.data_ptr(), weight.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k, n, bf16,
+       torch.get_num_threads())
     return _shaped(y, x)
 
 
@@ -306,7 +312,7 @@ def _define(schema: str, fake: Callable[..., Tensor]) -> None:
     torch.library.register_fake(f"kataru::{name}", fake, lib=_OPS)
 
 
-_define("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+_define("linear_half(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
         lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 _define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool tiled) -> Tensor",
         lambda x, weight, scales, bias, tiled: x.new_empty(*x.shape[:-1], scales.shape[0]))
@@ -322,8 +328,8 @@ _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", lambda x, weig
 
 
 # What the model calls: each kernel directly, or its operator inside a torch.compile trace.
-def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    op = torch.ops.kataru.linear_bf16 if torch.compiler.is_compiling() else _linear_bf16
+def linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = torch.ops.kataru.linear_half if torch.compiler.is_compiling() else _linear_half
     return op(x, weight, bias)
 
 

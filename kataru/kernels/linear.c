@@ -1,7 +1,8 @@
-/* Matmuls for CPUs with AVX2 + FMA: y = x @ w.T + bias for inputs x [M, K] (float32 or bf16) and weights
- * w [N, K] stored as bf16, as int8 with one scale per output row, or as 4-bit groups with a scale and a
- * minimum each. bf16 serves decoding (M small: the rows of a decode batch; prefill upcasts to torch's float32
- * GEMM); the integer kernels serve prefill too, where they beat dequantizing into that GEMM.
+/* Matmuls for CPUs with AVX2 + FMA (+ F16C): y = x @ w.T + bias for inputs x [M, K] (float32 or bf16) and
+ * weights w [N, K] stored as bf16 or fp16, as int8 with one scale per output row, or as 4-bit groups with a
+ * scale and a minimum each. bf16 and fp16 serve decoding (M small: the rows of a decode batch; prefill
+ * converts to torch's float32 GEMM); the integer kernels serve prefill too, where they beat dequantizing into
+ * that GEMM.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
  * and how few instructions each weight costs. A weight row (or tile of 8 rows) is read once for up to four
@@ -9,7 +10,8 @@
  * rows are split between threads of the OpenMP runtime torch itself uses (one libgomp in the process); for
  * many rows the input's quantization and the output's rounding are split too.
  *
- * bf16: each weight becomes a float32 by a 16-bit shift and meets an FMA with the float32 input.
+ * bf16: each weight becomes a float32 by a 16-bit shift (fp16: by vcvtph2ps) and meets an FMA with the float32
+ * input.
  * int8 and int4 (the scheme of llama.cpp's Q8_0 / Q4_1 dot products): the input row is first quantized to
  * int8 in blocks of QB values with one float scale per block (step max|x_block| / 127); vpmaddubsw then
  * multiplies 32 weight bytes with 32 input bytes and adds pairs, so one instruction does what takes four
@@ -29,7 +31,8 @@
 
 #include "simd.h"
 
-enum { BF16 = 0, INT8 = 1, INT4 = 2 };
+enum { BF16 = 0, INT8 = 1, INT4 = 2, F16 = 3 };
+#define FLOAT_WEIGHTS(kind) ((kind) == BF16 || (kind) == F16)
 #define QB 64 /* input block for int8 and int4 */
 #define PARALLEL_MIN (1 << 16) /* elements from which the work around the matmul (prefill) is split between threads */
 
@@ -101,7 +104,7 @@ static Quantized quantize_rows(const float *x, int64_t M, int64_t K, int threads
 }
 
 /* R weight rows from n against M input rows (M, R, kind constants after inlining; M * R <= 8 accumulators).
- * bf16: x float32. int8: sm the rows' float32 scales. */
+ * bf16 and fp16: x float32. int8: sm the rows' float32 scales. */
 static inline __attribute__((always_inline)) void block(const float *x, Quantized in, const void *w,
                                                         const void *sm, float *y, int64_t K, int64_t N, int64_t n,
                                                         const int M, const int R, const int kind) {
@@ -112,12 +115,12 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
             acc[r][m] = _mm256_setzero_ps();
             extra[r][m] = 0;
         }
-    if (kind == BF16) {
+    if (FLOAT_WEIGHTS(kind)) {
         const uint16_t *wb = w;
         int64_t k = 0;
         for (; k + 8 <= K; k += 8) {
             __m256 wv[4];
-            for (int r = 0; r < R; r++) wv[r] = load8(wb, (n + r) * K + k);
+            for (int r = 0; r < R; r++) wv[r] = kind == F16 ? load8_f16(wb, (n + r) * K + k) : load8(wb, (n + r) * K + k);
             if ((k & 31) == 0)
                 for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wb + (n + r + R) * K + k), _MM_HINT_T0);
             for (int m = 0; m < M; m++) {
@@ -127,7 +130,10 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
         }
         for (int r = 0; r < R; r++)
             for (int m = 0; m < M; m++)
-                for (int64_t j = k; j < K; j++) extra[r][m] += bf16_to_float(wb[(n + r) * K + j]) * x[m * K + j];
+                for (int64_t j = k; j < K; j++) {
+                    uint16_t h = wb[(n + r) * K + j];
+                    extra[r][m] += (kind == F16 ? _cvtsh_ss(h) : bf16_to_float(h)) * x[m * K + j];
+                }
     } else if (kind == INT8) {
         const int8_t *wq = w;
         const __m256i ones = _mm256_set1_epi16(1);
@@ -197,7 +203,7 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
                                                          int64_t M, int64_t K, int64_t N, int threads,
                                                          const int kind) {
     Quantized in = {0, 0, 0, 0, 0};
-    if (kind != BF16) in = quantize_rows(x, M, K, threads);
+    if (!FLOAT_WEIGHTS(kind)) in = quantize_rows(x, M, K, threads);
     #pragma omp parallel num_threads(threads)
     {
         int64_t n0, n1;
@@ -207,7 +213,7 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
             int R = n + wide <= n1 ? wide : 1;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 Quantized part = in;
-                if (kind != BF16)
+                if (!FLOAT_WEIGHTS(kind))
                     part = (Quantized){in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
                                        in.blocks};
                 rows(x + m0 * K, part, w, sm, y + m0 * N, K, N, n, M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
@@ -382,6 +388,13 @@ void kataru_linear_bf16(const void *x, const uint16_t *w, const void *bias, void
                         int act_bf16, int threads) {
     Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear(io.x, w, 0, io.y, M, K, N, threads, BF16);
+    end(io, bias, y, M, N, act_bf16, threads);
+}
+
+void kataru_linear_f16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M, int64_t K, int64_t N,
+                       int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
+    linear(io.x, w, 0, io.y, M, K, N, threads, F16);
     end(io, bias, y, M, N, act_bf16, threads);
 }
 

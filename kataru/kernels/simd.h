@@ -35,6 +35,11 @@ static inline __m256 load8(const uint16_t *w, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* eight fp16 values at element offset i, as float32 (F16C) */
+static inline __m256 load8_f16(const uint16_t *w, int64_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+}
+
 /* eight values at element offset i of a bf16 (bf16 != 0) or float32 array, as float32 */
 static inline __m256 load8_of(const void *p, int64_t i, int bf16) {
     return bf16 ? load8((const uint16_t *)p, i) : _mm256_loadu_ps((const float *)p + i);
