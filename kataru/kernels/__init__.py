@@ -2,7 +2,7 @@
 and 4-bit weights (`linear.c`), one-query attention over the KV cache (`attention.c`) and RMSNorm (`norm.c`).
 
 On AVX2 CPUs without native bf16 (this project's machine), torch's bf16 and fp16 matmuls for a few rows
-stream the weights well below the memory bandwidth, and its time grows with the number of rows: batch-8
+stream the weights well below the memory bandwidth, and their time grows with the number of rows: batch-8
 decoding costs eight times batch 1. `linear.c` reads each weight once for every row of the batch at
 close to the bandwidth; for int8 and 4-bit weights it quantizes the input rows to int8 blocks and sums
 with integer dot products, as llama.cpp does. It is built once per source version into the user's cache

@@ -120,7 +120,8 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
         int64_t k = 0;
         for (; k + 8 <= K; k += 8) {
             __m256 wv[4];
-            for (int r = 0; r < R; r++) wv[r] = kind == F16 ? load8_f16(wb, (n + r) * K + k) : load8(wb, (n + r) * K + k);
+            for (int r = 0; r < R; r++)
+                wv[r] = kind == F16 ? load8_f16(wb, (n + r) * K + k) : load8(wb, (n + r) * K + k);
             if ((k & 31) == 0)
                 for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wb + (n + r + R) * K + k), _MM_HINT_T0);
             for (int m = 0; m < M; m++) {
