@@ -294,7 +294,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         steps = new_tokens - 1
         return Result(name, prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8)
 
-    def measure_torch_mm() -> Result:  # the same engine on torch's bf16 matmul and SDPA: what the kernels add
+    def measure_torch_mm() -> Result:  # the same engine on torch's 16-bit matmul and SDPA: what the kernels add
         with kernels.disabled():
             return measure("kataru torch mm", model)
 
@@ -314,7 +314,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         return Result("transformers", prompt_len / prefill_t, prefill_t, steps / decode1_t, 8 * steps / decode8_t)
 
     contestants: dict[str, Callable[[], Result]] = {"kataru": lambda: measure("kataru", model)}
-    kernel = torch_dtype == torch.bfloat16 and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
+    kernel = torch_dtype in kernels.HALF and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
     if kernel:
         contestants["kataru torch mm"] = measure_torch_mm
     if compile:
@@ -345,7 +345,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "decode_context": context,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "torch": torch.__version__, "bf16_kernel": kernel, "device": device, "rounds": rounds,
+        "torch": torch.__version__, "half_kernel": kernel, "device": device, "rounds": rounds,
         "results": [asdict(r) for r in results],
     }
     if torch.device(device).type == "cuda":

@@ -13,14 +13,24 @@ from kataru.cli import main
 from kataru.config import ModelConfig
 
 
+def test_bench_float16_weights_measure_the_kernels_against_torch(capsys: pytest.CaptureFixture) -> None:
+    """fp16 weights run on kataru's CPU kernel too, so the bench times the same engine on torch's matmul beside it."""
+    assert main(["bench", "tiny", "--dtype", "float16", "--prompt-tokens", "40", "--new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "float16" and report["half_kernel"] == kernels.available()
+    torch_mm = ["kataru torch mm"] if kernels.available() else []
+    assert [r["engine"] for r in report["results"]] == ["kataru", *torch_mm]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_b8_tok_s"] > 0 for r in report["results"])
+
+
 def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
                  "--new-tokens", "4", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and "peak_gpu_gb" not in report
-    assert report["bf16_kernel"] == (report["dtype"] == "bfloat16" and kernels.available())
+    assert report["half_kernel"] == (report["dtype"] in ("bfloat16", "float16") and kernels.available())
     # with kataru's CPU kernel, the same engine on torch's matmul is measured too
-    torch_mm = ["kataru torch mm"] if report["bf16_kernel"] else []
+    torch_mm = ["kataru torch mm"] if report["half_kernel"] else []
     assert [r["engine"] for r in report["results"]] == ["kataru", *torch_mm, "kataru int8", "kataru int4",
                                                         "transformers"]
     for r in report["results"]:
@@ -85,7 +95,7 @@ def test_bench_tiny_on_cuda(capsys: pytest.CaptureFixture) -> None:
                  "--new-tokens", "4", "--device", "cuda", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"].startswith("cuda") and report["gpu"] and report["peak_gpu_gb"] > 0
-    assert not report["bf16_kernel"]  # kataru's CPU kernels have no part on a GPU
+    assert not report["half_kernel"]  # kataru's CPU kernels have no part on a GPU
     assert [r["engine"] for r in report["results"]] == ["kataru", "kataru int8", "kataru int4", "transformers"]
     for r in report["results"]:
         assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b8_tok_s"] > 0
