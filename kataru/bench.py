@@ -8,7 +8,6 @@ bytes of weights a decode step reads.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -21,38 +20,14 @@ import torch
 from tqdm import tqdm
 
 from kataru import kernels
-from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
 from kataru.config import ModelConfig
-from kataru.engine import Engine, compiled_decode
+from kataru.engine import Engine
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams
 from kataru.model import Transformer
 from kataru.quantize import quantize as quantize_model
-
-# config.json values of the real checkpoints (architectures.md; intermediate sizes as published).
-SHAPES: dict[str, dict[str, Any]] = {
-    "llm-jp-3.1-1.8b": {"model_type": "llama", "vocab_size": 99584, "hidden_size": 2048, "num_hidden_layers": 24,
-                        "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 7168,
-                        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
-    "rinna-3.6b": {"model_type": "gpt_neox", "vocab_size": 32000, "hidden_size": 2816, "num_hidden_layers": 36,
-                   "num_attention_heads": 22, "intermediate_size": 11264, "max_position_embeddings": 2048,
-                   "rotary_pct": 1.0, "use_parallel_residual": False, "hidden_act": "gelu"},
-    "jslm-3b-4e1t": {"model_type": "stablelm", "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 6912,
-                     "max_position_embeddings": 4096, "partial_rotary_factor": 0.25, "layer_norm_eps": 1e-5},
-    "gamma-7b": {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-                 "max_position_embeddings": 32768, "sliding_window": 4096, "rms_norm_eps": 1e-5},
-    "alpha-7b": {"model_type": "japanese_stablelm_alpha", "vocab_size": 65536, "hidden_size": 4096,
-                 "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
-                 "rotary_pct": 0.25, "rotary_scale_base": 512},
-    # A few-MB model for CI and smoke tests.
-    "tiny": {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 320,
-             "max_position_embeddings": 1024, "rms_norm_eps": 1e-5},
-}
-HF_CLASSES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "stablelm": "StableLmForCausalLM",
-              "mistral": "MistralForCausalLM"}
+from kataru.runtime import dtype_name, resolve_device, resolve_dtype
+from kataru.sampling import SamplingParams
+from kataru.shapes import build_shape, shape_config
 
 
 @dataclass
@@ -117,88 +92,14 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def shape_config(name: str, layers: int | None = None) -> dict[str, Any]:
-    """The config.json of a seed shape, optionally with fewer layers."""
-    if name not in SHAPES:
-        raise KataruError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} or give a model folder")
-    hf_config = dict(SHAPES[name])
-    if layers:
-        hf_config["num_hidden_layers"] = layers
-    return hf_config
-
-
-def build_shape(name: str, layers: int | None, dtype: torch.dtype, with_reference: bool):  # type: ignore[no-untyped-def]
-    """(kataru model, transformers model or None) sharing the same random weights."""
-    hf_config = shape_config(name, layers)
-    config = ModelConfig.from_hf(hf_config)
-    torch.manual_seed(0)
-    reference = None
-    if with_reference and config.family in HF_CLASSES:
-        import transformers
-
-        cls = getattr(transformers, HF_CLASSES[config.family])
-        config_cls = cls.config_class
-        hf = config_cls(**{k: v for k, v in hf_config.items() if k != "model_type"})
-        with torch.device("meta"):
-            reference = cls(hf)
-        reference = reference.to_empty(device="cpu").to(dtype)
-        with torch.no_grad():
-            for p in reference.parameters():
-                p.normal_(0, 0.02)
-        # to_empty leaves buffers uninitialised: rebuild the rotary tables (the only buffers) properly.
-        for name, module in list(reference.named_modules()):
-            if type(module).__name__.endswith("RotaryEmbedding"):
-                parent, _, child = name.rpartition(".")
-                setattr(reference.get_submodule(parent) if parent else reference, child, type(module)(config=hf))
-        assert not [n for n, _ in reference.named_buffers() if "rotary" not in n], "unexpected buffers"
-        return load_weights(Path(name), config, dtype, progress=False, state_dict=reference.state_dict()), reference
-    return random_model(config, dtype), None
-
-
-def random_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
-    """kataru's model with random weights, allocated once in the target dtype."""
-    from kataru.model import Rotary
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name and name.endswith("weight") else p.normal_(0, 0.02)
-    model.rotary = Rotary(config)
-    return model.eval().requires_grad_(False)
-
-
-def shape_arguments(parser: Any) -> None:
-    """The arguments of the scripts that step one engine on a seed shape (scripts/bench_compile.py, ...)."""
-    parser.add_argument("--shape", default="llm-jp-3.1-1.8b")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    parser.add_argument("--batch", type=int, default=1)
-
-
-def shape_engine(args: Any, new_tokens: int, decode: Any = None) -> tuple[Transformer, Engine]:
-    """A bf16 random model of args.shape (quantized if asked) and an engine holding args.batch greedy requests
-    of a 32-token prompt and new_tokens each, not yet stepped."""
-    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
-    if args.quantize:
-        model = quantize_model(model, args.quantize)
-    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
-    engine = Engine(model, set(), max_batch=args.batch, row_len=32 + new_tokens,
-                    decode=decode(model) if decode else None)
-    for _ in range(args.batch):
-        engine.submit(list(range(5, 37)), params)
-    return model, engine
-
-
-def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int,
-                decode: Any = None) -> tuple[float, float]:
+def time_kataru(model: Transformer, prompt_len: int, new_tokens: int, batch: int, compile: bool = False,
+                rows: int | None = None, row_len: int | None = None) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 per row) on the continuous-batching engine: the first
     step prefills every prompt whole (no chunks) and samples each row's first token, the rest are decode
-    steps."""
+    steps. rows and row_len fix the cache's shape (a compiled step is specialised on it)."""
     vocab = model.config.vocab_size
-    engine = Engine(model, set(), max_batch=batch, row_len=prompt_len + new_tokens, decode=decode,
-                    prefill_chunk=None)
+    engine = Engine(model, set(), max_batch=rows or batch, row_len=row_len or prompt_len + new_tokens,
+                    compile=compile, prefill_chunk=None)
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     for _ in range(batch):
         engine.submit(torch.randint(3, vocab, (prompt_len,)).tolist(), params)
@@ -239,119 +140,158 @@ def time_transformers(model: torch.nn.Module, prompt_len: int, new_tokens: int, 
     return clock.times[0] - start, max(clock.times[-1] - clock.times[0], 1e-9)
 
 
-def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
-              prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
-              quantize: list[str] | None = None, compile: bool = False, context: int = 16,
-              device: str = "cpu", rounds: int = 1, progress: bool = True) -> dict[str, Any]:
-    """context: the prompt tokens each row holds before the timed decode steps (attention reads them all).
-    device: where both engines run (a seed shape is built on the CPU, then moved).
-    rounds: every engine is measured this many times, taking turns; each figure is the median."""
-    if rounds < 1:
-        raise KataruError(f"--rounds {rounds}: measure each engine at least once")
-    if new_tokens < 2:
-        raise KataruError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens (the first comes "
-                          "with the prefill)")
-    if threads:
-        torch.set_num_threads(threads)
-    device = resolve_device(device)
-    bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
+@dataclass
+class Setup:
+    """What one bench run measures: the model, the same weights in transformers (or None), and its sizes."""
+
+    target: str
+    model: Transformer
+    reference: torch.nn.Module | None
+    device: str
+    prompt_len: int
+    new_tokens: int
+    context: int
+
+    def result(self, name: str, prefill: float, decode1: float, decode8: float) -> Result:
+        steps = self.new_tokens - 1
+        return Result(name, self.prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8)
+
+
+def build(target: str, dtype: str, layers: int | None, compare: bool, device: str, prompt_len: int,
+          new_tokens: int, context: int) -> Setup:
+    """A seed shape with random weights (built on the CPU, then moved) or a checkpoint folder, with the
+    transformers model of the same weights when comparing."""
     reference = None
     if Path(target).is_dir():
         from kataru.llm import load
 
         model = load(target, dtype=dtype, device=device, progress=False).model
-        torch_dtype = model.tok_embeddings.weight.dtype  # "auto" resolved against the checkpoint
         if compare:
             import transformers
 
-            reference = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype).eval()
+            reference = transformers.AutoModelForCausalLM.from_pretrained(
+                target, dtype=model.tok_embeddings.weight.dtype).eval()
     else:
         torch_dtype = resolve_dtype(dtype, ModelConfig.from_hf(shape_config(target, layers)))
-        model, reference = build_shape(target, layers, torch_dtype, compare == "transformers")
+        model, reference = build_shape(target, layers, torch_dtype, compare)
         model = model.to(device)
     if reference is not None:
         reference = reference.to(device)
-    config = model.config
-    prompt_len = min(prompt_len, config.max_seq_len - new_tokens - 1)
-    context = min(context, config.max_seq_len - new_tokens - 1)
+    limit = model.config.max_seq_len - new_tokens - 1
+    return Setup(target, model, reference, device, min(prompt_len, limit), new_tokens, min(context, limit))
+
+
+def measure_kataru(setup: Setup, name: str, model: Transformer, compile: bool = False) -> Result:
+    p, n, c = setup.prompt_len, setup.new_tokens, setup.context
+    shape: dict[str, int] = {}
+    if compile:
+        # one cache shape for every run below (a compiled step is specialised on it), and both compilations
+        # (batch 1 is a special case for the compiler) done before timing
+        shape = {"rows": 8, "row_len": max(p, c) + n}
+        time_kataru(model, c, 4, 8, True, **shape)
+    time_kataru(model, 16, 4, 1, compile, **shape)  # warm up allocators and kernels
+    prefill, _ = time_kataru(model, p, 1, 1, compile, **shape)
+    _, decode1 = time_kataru(model, c, n, 1, compile, **shape)
+    _, decode8 = time_kataru(model, c, n, 8, compile, **shape)
+    return setup.result(name, prefill, decode1, decode8)
+
+
+def measure_transformers(setup: Setup) -> Result:
+    assert setup.reference is not None
+    p, n, c = setup.prompt_len, setup.new_tokens, setup.context
+    time_transformers(setup.reference, 16, 2, 1)
+    prefill, _ = time_transformers(setup.reference, p, 1, 1)
+    _, decode1 = time_transformers(setup.reference, c, n, 1)
+    _, decode8 = time_transformers(setup.reference, c, n, 8)
+    return setup.result("transformers", prefill, decode1, decode8)
+
+
+def contestants(setup: Setup, quantize: list[str], compile: bool) -> dict[str, Callable[[], Result]]:
+    """Each engine to measure, by name: kataru, the same engine on torch's matmuls where kataru's 16-bit kernel
+    runs (what the kernels add), compiled, quantized copies, transformers."""
+    model = setup.model
+
+    def torch_mm() -> Result:
+        with kernels.disabled():
+            return measure_kataru(setup, "kataru torch mm", model)
+
+    def quantized(method: str, compiled: bool) -> Result:
+        # quantized anew each round rather than kept: a 7B model's quantized copies do not fit beside it
+        copy = quantize_model(model, method, inplace=False)
+        return measure_kataru(setup, f"kataru {method}" + (" compiled" if compiled else ""), copy, compiled)
+
+    runs: dict[str, Callable[[], Result]] = {"kataru": lambda: measure_kataru(setup, "kataru", model)}
+    if half_kernel(model):
+        runs["kataru torch mm"] = torch_mm
+    if compile:
+        runs["kataru compiled"] = lambda: measure_kataru(setup, "kataru compiled", model, True)
+    for method in quantize:
+        runs[f"kataru {method}"] = partial(quantized, method, False)
+        if compile:
+            runs[f"kataru {method} compiled"] = partial(quantized, method, True)
+    if setup.reference is not None:
+        runs["transformers"] = lambda: measure_transformers(setup)
+    return runs
+
+
+def half_kernel(model: Transformer) -> bool:
+    weight = model.tok_embeddings.weight
+    return weight.dtype in kernels.HALF and weight.device.type == "cpu" and kernels.available()
+
+
+def run_rounds(runs: dict[str, Callable[[], Result]], rounds: int, progress: bool) -> list[Result]:
+    """Every engine once per round, in the same order; each figure is the median of its rounds (this shared
+    machine's load swings between minutes, and rounds let every engine meet the same swings)."""
+    results: dict[str, list[Result]] = {name: [] for name in runs}
+    with tqdm(total=rounds * len(runs), desc="bench", unit="run", disable=not progress) as bar:
+        for _ in range(rounds):
+            for name, run in runs.items():
+                bar.set_postfix_str(name)
+                results[name].append(run())
+                bar.update()
+    return [median_result(r) for r in results.values()]
+
+
+def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, compare: str | None = None,
+              prompt_len: int = 512, new_tokens: int = 32, threads: int | None = None,
+              quantize: list[str] | None = None, compile: bool = False, context: int = 16,
+              device: str = "cpu", rounds: int = 1, progress: bool = True) -> dict[str, Any]:
+    """context: the prompt tokens each row holds before the timed decode steps (attention reads them all).
+    device: where both engines run. rounds: every engine is measured this many times, taking turns."""
+    if rounds < 1:
+        raise KataruError(f"rounds={rounds}: measure each engine at least once")
+    if new_tokens < 2:
+        raise KataruError(f"new_tokens={new_tokens}: decode speed needs at least 2 new tokens (the first comes "
+                          "with the prefill)")
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device)
+    bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
+    setup = build(target, dtype, layers, compare == "transformers", device, prompt_len, new_tokens, context)
+    model, config = setup.model, setup.model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # a decode step reads every weight except the embedding table (only one row of it)
     step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     if config.tie_embeddings:
         step_bytes = weight_bytes
     roofline = bandwidth * 1e9 / step_bytes
-
-    def measure(name: str, m: Transformer, decode: Any = None) -> Result:
-        if decode is not None:
-            # one cache shape for every run below (a compiled step is specialised on it), and both compilations
-            # (batch 1 is a special case for the compiler) done before timing
-            m.setup_caches(8, max(prompt_len, context) + new_tokens)
-            time_kataru(m, context, 4, 8, decode)
-        time_kataru(m, 16, 4, 1, decode)  # warm up allocators and kernels
-        prefill, _ = time_kataru(m, prompt_len, 1, 1, decode)
-        _, decode1 = time_kataru(m, context, new_tokens, 1, decode)
-        _, decode8 = time_kataru(m, context, new_tokens, 8, decode)
-        steps = new_tokens - 1
-        return Result(name, prompt_len / prefill, prefill, steps / decode1, 8 * steps / decode8)
-
-    def measure_torch_mm() -> Result:  # the same engine on torch's 16-bit matmul and SDPA: what the kernels add
-        with kernels.disabled():
-            return measure("kataru torch mm", model)
-
-    def measure_quantized(method: str, compiled: bool) -> Result:
-        # quantized anew each round rather than kept: a 7B model's quantized copies do not fit beside it
-        quantized = quantize_model(model, method, inplace=False)
-        name = f"kataru {method}" + (" compiled" if compiled else "")
-        return measure(name, quantized, compiled_decode(quantized) if compiled else None)
-
-    def measure_transformers() -> Result:
-        assert reference is not None
-        time_transformers(reference, 16, 2, 1)
-        prefill_t, _ = time_transformers(reference, prompt_len, 1, 1)
-        _, decode1_t = time_transformers(reference, context, new_tokens, 1)
-        _, decode8_t = time_transformers(reference, context, new_tokens, 8)
-        steps = new_tokens - 1
-        return Result("transformers", prompt_len / prefill_t, prefill_t, steps / decode1_t, 8 * steps / decode8_t)
-
-    contestants: dict[str, Callable[[], Result]] = {"kataru": lambda: measure("kataru", model)}
-    kernel = torch_dtype in kernels.HALF and model.tok_embeddings.weight.device.type == "cpu" and kernels.available()
-    if kernel:
-        contestants["kataru torch mm"] = measure_torch_mm
-    if compile:
-        compiled = compiled_decode(model)
-        contestants["kataru compiled"] = lambda: measure("kataru compiled", model, compiled)
-    for method in quantize or []:
-        contestants[f"kataru {method}"] = partial(measure_quantized, method, False)
-        if compile:
-            contestants[f"kataru {method} compiled"] = partial(measure_quantized, method, True)
-    if reference is not None:
-        contestants["transformers"] = measure_transformers
-    # Every engine runs once per round, in the same order, and each figure is the median of its rounds: this
-    # shared machine's load swings between minutes, and rounds let every engine meet the same swings.
-    runs: dict[str, list[Result]] = {name: [] for name in contestants}
-    with tqdm(total=rounds * len(contestants), desc="bench", unit="run", disable=not progress) as bar:
-        for _ in range(rounds):
-            for name, run in contestants.items():
-                bar.set_postfix_str(name)
-                runs[name].append(run())
-                bar.update()
-    results = [median_result(r) for r in runs.values()]
+    results = run_rounds(contestants(setup, quantize or [], compile), rounds, progress)
     for r in results:  # the roofline is that of the unquantized weights
         quantized = any(r.engine.startswith(f"kataru {method}") for method in quantize or [])
         r.roofline_fraction = None if quantized else r.decode_b1_tok_s / roofline
     report: dict[str, Any] = {
-        "target": target, "family": config.family, "dtype": str(torch_dtype).removeprefix("torch."),
+        "target": target, "family": config.family, "dtype": dtype_name(model.tok_embeddings.weight.dtype),
         "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
-        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "decode_context": context,
+        "prompt_tokens": setup.prompt_len, "new_tokens": new_tokens, "decode_context": setup.context,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "torch": torch.__version__, "half_kernel": kernel, "device": device, "rounds": rounds,
+        "torch": torch.__version__, "half_kernel": half_kernel(model), "device": device, "rounds": rounds,
         "results": [asdict(r) for r in results],
     }
     if torch.device(device).type == "cuda":
         report["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         report["gpu"] = torch.cuda.get_device_name(device)
-    if reference is not None:
+    if setup.reference is not None:
         k, t = results[0], results[-1]
         report["ratios"] = {"prefill": k.prefill_tok_s / t.prefill_tok_s, "decode_b1": k.decode_b1_tok_s /
                             t.decode_b1_tok_s, "decode_b8": k.decode_b8_tok_s / t.decode_b8_tok_s}
@@ -406,85 +346,3 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig.suptitle(f"{report['target']} {report['dtype']}, {report.get('gpu') or str(report['threads']) + ' threads'}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def main(args: Any) -> None:
-    methods = [m for m in (args.quantize or "").split(",") if m]
-    if args.quality:
-        report = run_quality(args.target, args.dtype, methods or ["int8", "int4"], args.text)
-        if args.json:
-            print(json.dumps(report))
-            return
-        print(f"perplexity of {report['target']} on {report['tokens']} held-out tokens (windows of {report['window']})")
-        for row in report["rows"]:
-            print(f"{row['method']:<10}{row['perplexity']:>12.3f}{100 * row['increase']:>+9.2f}%")
-        return
-    report = run_bench(args.target, dtype=args.dtype, layers=args.layers, compare=args.compare,
-                       prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                       quantize=methods, compile=args.compile, context=args.context, device=args.device,
-                       rounds=args.rounds)
-    print(json.dumps(report) if args.json else format_table(report))
-    if args.plot:
-        plot(report, args.plot)
-
-
-def heldout_texts(path: str | None, max_chars: int) -> list[str]:
-    """The user's text file, or the Aozora Bunko works in shared/ that kataru's recipe holds out.
-
-    kataru-tiny-ja never trained on them: `kataru data clean --val-fraction 0.02` puts a work in the
-    validation split by a hash of its id, and the same rule picks them here (cleaned the same way).
-    """
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise KataruError(f"cannot read {path} as UTF-8 text ({err})") from None
-        return [text[:max_chars]]
-    from kataru.train.data import RECIPE_VAL_FRACTION, clean_aozora, is_validation, read_documents
-
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "aozora"
-    files = sorted(folder.glob("aozora-sample*.jsonl.gz")) if folder.is_dir() else []
-    if not files:
-        raise KataruError("no text for --quality: give --text FILE (held-out Japanese text)")
-    texts, total = [], 0
-    for doc in read_documents(files):
-        if not is_validation(doc.id, RECIPE_VAL_FRACTION):
-            continue
-        texts.append(clean_aozora(doc.text)[: max_chars - total])
-        total += len(texts[-1])
-        if total >= max_chars:
-            break
-    return texts
-
-
-@torch.inference_mode()
-def perplexity(model: Transformer, token_lists: list[list[int]], window: int, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of each text."""
-    chunks = [ids[start:start + window + 1] for ids in token_lists for start in range(0, len(ids) - 1, window)]
-    chunks = [c for c in chunks if len(c) >= 2]
-    nll, count = 0.0, 0
-    for chunk in tqdm(chunks, desc=desc, unit="window", leave=False):
-        logits = model(torch.tensor([chunk[:-1]])).float()
-        target = torch.tensor(chunk[1:])
-        nll += torch.nn.functional.cross_entropy(logits[0], target, reduction="sum").item()
-        count += len(chunk) - 1
-    return float(torch.exp(torch.tensor(nll / count)))
-
-
-def run_quality(folder: str, dtype: str, methods: list[str], text: str | None, max_chars: int = 20000,
-                window: int = 512) -> dict[str, Any]:
-    from kataru.llm import load
-    from kataru.quantize import quantize as quantize_model
-
-    if not Path(folder).is_dir():
-        raise KataruError("--quality needs a model folder (perplexity of random weights means nothing)")
-    llm = load(folder, dtype=dtype, progress=False)
-    tokens = [llm.tokenizer.encode(t, add_special_tokens=True) for t in heldout_texts(text, max_chars)]
-    window = min(window, llm.config.max_seq_len - 1)
-    rows = [{"method": dtype, "perplexity": perplexity(llm.model, tokens, window, dtype)}]
-    for method in methods:  # on kataru's kernels every row is quantized as in decoding, a window at once
-        ppl = perplexity(quantize_model(llm.model, method, inplace=False), tokens, window, method)
-        rows.append({"method": method, "perplexity": ppl})
-    for row in rows:
-        row["increase"] = row["perplexity"] / rows[0]["perplexity"] - 1
-    return {"target": folder, "tokens": sum(len(t) for t in tokens), "window": window, "rows": rows}

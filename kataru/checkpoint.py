@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -25,10 +25,8 @@ from torch import Tensor
 
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
-from kataru.model import Rotary, Transformer
+from kataru.model import Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -39,22 +37,28 @@ CHUNK_BYTES = 16 << 20
 # Non-parameter buffers that older uploads keep in their state dict; everything else must be used.
 IGNORED_BUFFERS = re.compile(r"\.rotary_emb\.(inv_freq|scale)$|\.attention\.(bias|masked_bias)$")
 
-Segment = tuple[str, int, int | None]  # (published tensor, first row, end row or None for all)
+Segment = tuple[str, int, int]  # (published tensor, first row, end row)
 
 
 def weight_plan(config: ModelConfig) -> dict[str, list[Segment]]:
-    """kataru tensor name -> the row ranges of published tensors it is made of, in order."""
-    plan: dict[str, list[Segment]] = {}
-    family = config.family
+    """kataru tensor name -> the row ranges of published tensors it is made of, in order.
 
-    def add(name: str, *sources: str) -> None:
-        plan[name] = [(s, 0, None) for s in sources]
+    Every published tensor is used whole, once (its ranges tile it), so the plan read backwards is the
+    export map (`train/export.py`) and the loader can check each file tensor's rows against config.json.
+    """
+    plan: dict[str, list[Segment]] = {}
+    family, d, vocab = config.family, config.dim, config.vocab_size
+    q, kv, ff = config.q_size, config.kv_size, config.intermediate_size
+
+    def add(name: str, *parts: tuple[str, int]) -> None:
+        """name is the published tensors stacked, each (name, rows) taken whole."""
+        plan[name] = [(source, 0, rows) for source, rows in parts]
 
     def norm(kataru: str, hf: str, affine: bool = True) -> None:
         if affine:
-            add(f"{kataru}.weight", f"{hf}.weight")
+            add(f"{kataru}.weight", (f"{hf}.weight", d))
             if config.norm_bias:
-                add(f"{kataru}.bias", f"{hf}.bias")
+                add(f"{kataru}.bias", (f"{hf}.bias", d))
 
     def neox_qkv(name: str, source: str) -> None:
         """NeoX fuses qkv per head ([q0 k0 v0 q1 k1 v1 …]); kataru keeps [q; k; v]."""
@@ -62,85 +66,66 @@ def weight_plan(config: ModelConfig) -> dict[str, list[Segment]]:
         plan[name] = [(source, (3 * h + i) * hd, (3 * h + i + 1) * hd) for i in range(3) for h in range(config.n_head)]
 
     if family in ("llama", "mistral", "stablelm"):
-        add("tok_embeddings.weight", "model.embed_tokens.weight")
+        add("tok_embeddings.weight", ("model.embed_tokens.weight", vocab))
         for i in range(config.n_layer):
             p, k = f"model.layers.{i}", f"layers.{i}"
             norm(f"{k}.attention_norm", f"{p}.input_layernorm")
             norm(f"{k}.ffn_norm", f"{p}.post_attention_layernorm")
-            add(f"{k}.attention.wqkv.weight", *(f"{p}.self_attn.{x}_proj.weight" for x in "qkv"))
+            qkv = [(f"{p}.self_attn.{x}_proj", rows) for x, rows in (("q", q), ("k", kv), ("v", kv))]
+            add(f"{k}.attention.wqkv.weight", *((f"{name}.weight", rows) for name, rows in qkv))
             if config.qkv_bias:
-                add(f"{k}.attention.wqkv.bias", *(f"{p}.self_attn.{x}_proj.bias" for x in "qkv"))
-            add(f"{k}.attention.wo.weight", f"{p}.self_attn.o_proj.weight")
+                add(f"{k}.attention.wqkv.bias", *((f"{name}.bias", rows) for name, rows in qkv))
+            add(f"{k}.attention.wo.weight", (f"{p}.self_attn.o_proj.weight", d))
             if config.o_bias:
-                add(f"{k}.attention.wo.bias", f"{p}.self_attn.o_proj.bias")
-            add(f"{k}.feed_forward.w1.weight", f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight")
-            add(f"{k}.feed_forward.w2.weight", f"{p}.mlp.down_proj.weight")
+                add(f"{k}.attention.wo.bias", (f"{p}.self_attn.o_proj.bias", d))
+            add(f"{k}.feed_forward.w1.weight", (f"{p}.mlp.gate_proj.weight", ff), (f"{p}.mlp.up_proj.weight", ff))
+            add(f"{k}.feed_forward.w2.weight", (f"{p}.mlp.down_proj.weight", d))
             if config.mlp_bias:
-                add(f"{k}.feed_forward.w1.bias", f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias")
-                add(f"{k}.feed_forward.w2.bias", f"{p}.mlp.down_proj.bias")
+                add(f"{k}.feed_forward.w1.bias", (f"{p}.mlp.gate_proj.bias", ff), (f"{p}.mlp.up_proj.bias", ff))
+                add(f"{k}.feed_forward.w2.bias", (f"{p}.mlp.down_proj.bias", d))
         norm("norm", "model.norm")
         head = "lm_head.weight"
     else:  # gpt_neox and japanese_stablelm_alpha share NeoX naming
         alpha = family == "japanese_stablelm_alpha"
         root = "transformer" if alpha else "gpt_neox"
-        add("tok_embeddings.weight", f"{root}.embed_in.weight")
+        add("tok_embeddings.weight", (f"{root}.embed_in.weight", vocab))
         for i in range(config.n_layer):
             p, k = f"{root}.layers.{i}", f"layers.{i}"
             norm(f"{k}.attention_norm", f"{p}.input_layernorm", affine=config.attn_norm_affine)
             norm(f"{k}.ffn_norm", f"{p}.post_attention_layernorm")
             neox_qkv(f"{k}.attention.wqkv.weight", f"{p}.attention.query_key_value.weight")
-            add(f"{k}.attention.wo.weight", f"{p}.attention.dense.weight")
+            add(f"{k}.attention.wo.weight", (f"{p}.attention.dense.weight", d))
             if config.qkv_bias:
                 neox_qkv(f"{k}.attention.wqkv.bias", f"{p}.attention.query_key_value.bias")
             if config.o_bias:
-                add(f"{k}.attention.wo.bias", f"{p}.attention.dense.bias")
+                add(f"{k}.attention.wo.bias", (f"{p}.attention.dense.bias", d))
             if alpha:  # packed as [up; gate], kataru keeps [gate; up]
-                packed, width = f"{p}.mlp.packed_input_proj.weight", config.intermediate_size
-                plan[f"{k}.feed_forward.w1.weight"] = [(packed, width, 2 * width), (packed, 0, width)]
-                add(f"{k}.feed_forward.w2.weight", f"{p}.mlp.out_proj.weight")
+                packed = f"{p}.mlp.packed_input_proj.weight"
+                plan[f"{k}.feed_forward.w1.weight"] = [(packed, ff, 2 * ff), (packed, 0, ff)]
+                add(f"{k}.feed_forward.w2.weight", (f"{p}.mlp.out_proj.weight", d))
             else:
-                for kataru_name, hf in (("w1", "dense_h_to_4h"), ("w2", "dense_4h_to_h")):
-                    add(f"{k}.feed_forward.{kataru_name}.weight", f"{p}.mlp.{hf}.weight")
-                    add(f"{k}.feed_forward.{kataru_name}.bias", f"{p}.mlp.{hf}.bias")
+                for kataru_name, hf, rows in (("w1", "dense_h_to_4h", ff), ("w2", "dense_4h_to_h", d)):
+                    add(f"{k}.feed_forward.{kataru_name}.weight", (f"{p}.mlp.{hf}.weight", rows))
+                    add(f"{k}.feed_forward.{kataru_name}.bias", (f"{p}.mlp.{hf}.bias", rows))
         norm("norm", f"{root}.final_layer_norm")
         head = "embed_out.weight"
     if not config.tie_embeddings:
-        add("output.weight", head)
+        add("output.weight", (head, vocab))
     return plan
+
+
+def source_rows(plan: dict[str, list[Segment]]) -> dict[str, int]:
+    """The rows each published tensor must have: the end of its last range (the ranges tile it)."""
+    rows: dict[str, int] = {}
+    for segments in plan.values():
+        for source, _, end in segments:
+            rows[source] = max(rows.get(source, 0), end)
+    return rows
 
 
 def optional_tensors(config: ModelConfig) -> set[str]:
     """Tensors a file may hold that kataru does not need (a saved copy of a tied head)."""
     return {"lm_head.weight", "embed_out.weight"} if config.tie_embeddings else set()
-
-
-def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
-    name = DTYPE_ALIASES.get(name, name)
-    if name == "auto":
-        saved = config.torch_dtype
-        if isinstance(saved, str):
-            saved = saved.removeprefix("torch.")
-        return DTYPES.get(saved or "float32", torch.float32)
-    if name not in DTYPES:
-        raise KataruError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return DTYPES[name]
-
-
-def resolve_device(name: str) -> str:
-    """A device torch can use here, or a one-line error naming what is missing."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise KataruError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise KataruError(f"--device {name}: this torch build ({torch.__version__}) sees no CUDA GPU; use --device "
-                              "cpu, or install a CUDA build of torch on a machine with a GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise KataruError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise KataruError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
-    return str(device)
 
 
 def _first_line(err: BaseException) -> str:
@@ -289,8 +274,9 @@ class WeightFiles:
             raise KataruError(f"checkpoint {self.folder} has unexpected tensor(s) {listed(extra)}; the weights do "
                               "not match config.json (wrong architecture or layer count)")
 
-    def fill(self, target: Tensor, name: str, segments: list[Segment]) -> None:
-        """Copy the segments' rows into target in chunks, converting dtype on the way."""
+    def fill(self, target: Tensor, name: str, segments: list[Segment], rows: dict[str, int]) -> None:
+        """Copy the segments' rows into target in chunks, converting dtype on the way; `rows` says how many rows
+        each published tensor has (all of them are used)."""
         sources = list(dict.fromkeys(s for s, _, _ in segments))  # NeoX qkv names one tensor 3 x heads times
         row = 0
         for source, start, end in segments:
@@ -299,8 +285,8 @@ class WeightFiles:
             if not dtype.is_floating_point:
                 raise KataruError(f"tensor {source} has dtype {dtype}, not floating point; the checkpoint is "
                                   "quantized or corrupt and kataru reads float32/bfloat16/float16 weights")
-            end = shape[0] if end is None else end
-            if tuple(shape[1:]) != tuple(target.shape[1:]) or end > shape[0] or row + end - start > target.shape[0]:
+            if tuple(shape[1:]) != tuple(target.shape[1:]) or shape[0] != rows[source] \
+                    or row + end - start > target.shape[0]:
                 shapes = ", ".join(f"{s} {tuple(self.location[s].shape(s))}" for s in sources)
                 raise KataruError(f"shape mismatch: {shapes} cannot make {name} {tuple(target.shape)} that "
                                   "config.json implies; the weights do not match config.json")
@@ -317,23 +303,6 @@ class WeightFiles:
                               f"config.json implies {target.shape[0]}; the weights do not match config.json")
 
 
-@contextmanager
-def skip_init() -> Iterator[None]:
-    """Build modules without running their weight initialisers (every tensor is overwritten anyway).
-
-    On the meta device torch 2.13's initialisers import torch._dynamo: over a second of start-up for nothing.
-    """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
-
-
 def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  progress: bool | None = None, state_dict: dict[str, Tensor] | None = None) -> Transformer:
     """Build the model on the meta device, then fill it tensor by tensor from the files.
@@ -341,24 +310,23 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype, device: 
     With state_dict (tensors under the published names, e.g. a transformers model's), read from it instead.
     """
     plan = weight_plan(config)
-    with torch.device("meta"), skip_init():
-        model = Transformer(config)
+    model = Transformer.empty(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     with ExitStack() as stack:
         files = WeightFiles(folder, stack, state_dict)
-        files.check_names(config, {s for segments in plan.values() for s, _, _ in segments})
+        rows = source_rows(plan)
+        files.check_names(config, set(rows))
         for name, segments in _progress(plan.items(), len(plan), progress):
             target = torch.empty(shapes[name], dtype=dtype, device=device)
-            files.fill(target, name, segments)
+            files.fill(target, name, segments, rows)
             state[name] = target
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    with torch.device(device):
-        model.rotary = Rotary(config)
+    model.rotary = model.rotary.to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -1,38 +1,36 @@
-"""`kataru.load(folder)`: a checkpoint folder becomes an LLM that prompts, samples and streams as its card says."""
+"""`kataru.load(folder)`: a checkpoint folder becomes an LLM that prompts, samples and streams as its card says.
+
+Every call goes through the LLM's one engine, so an LLM is safe to use from many threads and from
+interleaved generators: their requests batch together, and each gets what it would get alone. The
+engine's KV cache grows with what the calls need and shrinks back when they are done; its rows keep
+whole prompt chunks, so the next turn of a chat prefills only what is new.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kataru.checkpoint import load_weights, resolve_device, resolve_dtype
+from kataru import cards
+from kataru.checkpoint import load_weights
 from kataru.config import ModelConfig, read_config_file
-from kataru.engine import Engine, compiled_decode, eager_decode
+from kataru.engine import Engine, Request
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams, Step, decode_steps, find_stop, held_back
+from kataru.files import read_json
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
 from kataru.quantize import load_quantized, read_quantization, save_quantized
 from kataru.quantize import quantize as quantize_model
-from kataru.tokenizer import StreamDecoder, Tokenizer
-
-# The generate(...) arguments of each family's model card; generation_config.json fills the rest.
-CARD_SAMPLING: dict[str, dict[str, Any]] = {
-    "llama": {"do_sample": True, "top_p": 0.95, "temperature": 0.7, "repetition_penalty": 1.05, "max_new_tokens": 100},
-    "gpt_neox": {"do_sample": True, "temperature": 0.7, "max_new_tokens": 128},
-    "stablelm": {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 256},
-    "mistral": {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 256},
-    "japanese_stablelm_alpha": {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 128},
-}
-GENERATION_CONFIG_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+from kataru.runtime import dtype_name, resolve_device, resolve_dtype
+from kataru.sampling import SamplingParams
+from kataru.tokenizer import Tokenizer
 
 Prompt = str | list[Message]
-# kataru's own small Japanese model, trained by scripts/train-kataru-tiny-ja.sh and shipped in the package.
+# kataru's own small Japanese model, trained by recipes/train-kataru-tiny-ja.sh and shipped in the package.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "kataru-tiny-ja"
 
 
@@ -49,60 +47,68 @@ class Completion:
 
 class LLM:
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-                 progress: bool | None = None, quantize: str | None = None, compile: bool = False) -> None:
+                 progress: bool | None = None, quantize: str | None = None, compile: bool = False,
+                 max_batch: int = 8, max_cache_tokens: int | None = None,
+                 idle_cache_tokens: int | None = None) -> None:
+        """max_batch: requests decoded together; max_cache_tokens: the KV cache's budget in tokens (default
+        max_batch x the context); idle_cache_tokens: what the cache keeps when no call runs (default one
+        context's worth, the conversation of a chat)."""
         folder = Path(folder)
         if not folder.is_dir():
             if folder == DEFAULT_MODEL:
                 raise KataruError(f"the embedded model is missing from this installation ({folder}); "
                                   "reinstall kataru or pass a model folder")
-            raise KataruError(f"model folder {folder} does not exist; give the path of a local checkpoint folder")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise KataruError(f"model folder {folder} {what}; give the path of a local checkpoint folder")
         self.folder = folder
         device = resolve_device(device)
-        self.config = ModelConfig.from_hf(read_config_file(folder))
-        self.dtype = resolve_dtype(dtype, self.config)
+        hf_config = read_config_file(folder)
+        self.config = ModelConfig.from_hf(hf_config)
         self.tokenizer = Tokenizer(folder)
-        saved_quantization = read_quantization(folder)
-        if saved_quantization:
-            self.model = load_quantized(folder, self.config, saved_quantization, device)
-            self.dtype = self.model.tok_embeddings.weight.dtype
+        saved = read_quantization(folder)
+        if saved:
+            self.model = load_quantized(folder, self.config, saved, device, dtype, quantize)
         else:
-            self.model = load_weights(folder, self.config, self.dtype, device, progress)
+            self.model = load_weights(folder, self.config, resolve_dtype(dtype, self.config), device, progress)
             if quantize:
                 quantize_model(self.model, quantize)
+        self.dtype = self.model.tok_embeddings.weight.dtype
         self.quantization: str | None = getattr(self.model, "quantization", None)
-        self.decode = compiled_decode(self.model) if compile else eager_decode(self.model)
-        self.prompt_style: PromptStyle = (get_style(prompt_style) if prompt_style
-                                          else detect_style(self.config.family, self.tokenizer))
-        generation_config = self._generation_config()
-        self.eos_ids = self._eos_ids(generation_config)
-        card = {k: generation_config[k] for k in GENERATION_CONFIG_FIELDS if k in generation_config}
-        card.update(CARD_SAMPLING[self.config.family])
-        self.defaults = SamplingParams().updated(**card)
+        generation_config = read_json(folder / "generation_config.json", "fix or delete it", default={})
+        self.prompt_style = prompt_style_of(folder, self.tokenizer, prompt_style)
+        sampling, self.sampling_source = cards.defaults(folder, self.config.family, hf_config, generation_config)
+        self.defaults = SamplingParams().updated(**sampling)
+        self.engine = Engine(self.model, self._eos_ids(generation_config), max_batch=max_batch,
+                             max_cache_tokens=max_cache_tokens, compile=compile, tokenizer=self.tokenizer,
+                             postprocess=self.prompt_style.postprocess, grow=True,
+                             idle_cache_tokens=self.config.max_seq_len if idle_cache_tokens is None
+                             else idle_cache_tokens)
 
-    def _generation_config(self) -> dict[str, Any]:
-        path = self.folder / "generation_config.json"
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise KataruError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.engine.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.engine.eos_ids = set(ids)
 
     def _eos_ids(self, generation_config: dict[str, Any]) -> set[int]:
         ids = set(self.config.eos_token_ids)
         eos = generation_config.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
         if self.tokenizer.eos_id is not None:
             ids.add(self.tokenizer.eos_id)
         return ids
 
     def info(self) -> dict[str, Any]:
         c = self.config
+        stats = self.engine.stats()
+        bytes_per_token = 2 * c.n_layer * c.kv_size * self.model.tok_embeddings.weight.element_size()
         return {
             "path": str(self.folder.resolve()),
             "family": c.family,
             "parameters": c.num_parameters(),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "quantization": self.quantization,
             "checkpoint_dtype": c.torch_dtype,
             "context": c.max_seq_len,
@@ -114,6 +120,10 @@ class LLM:
             "prompt_style": self.prompt_style.name,
             "eos_token_ids": sorted(self.eos_ids),
             "sampling": asdict(self.defaults),
+            "sampling_source": self.sampling_source,
+            "kv_cache": {"bytes_per_token": bytes_per_token, "bytes": stats["cache_bytes"],
+                         "rows": stats["cache_rows"], "slots": stats["cache_slots"],
+                         "budget_tokens": stats["budget_tokens"]},
         }
 
     # --- prompts ---------------------------------------------------------------------------------
@@ -139,90 +149,57 @@ class LLM:
         return self.defaults.updated(**overrides)
 
     def complete(self, prompts: list[Prompt], inputs: str | None = None, system: str | None = None,
-                 raw: bool = False, use_cache: bool = True, **sampling: Any) -> list[Completion]:
+                 raw: bool = False, **sampling: Any) -> list[Completion]:
         """Generate for a batch of prompts; each result is what that prompt gives alone."""
         params = self.sampling(**sampling)
         encoded = [self.encode_prompt(p, inputs, system, raw) for p in prompts]
-        done: dict[int, Completion] = {}
-        for row, _piece, completion in self._events(encoded, params, use_cache):
-            if completion is not None:
-                done[row] = completion
-        return [done[i] for i in range(len(prompts))]
+        requests = self._submit(encoded, params)
+        try:
+            for request in requests:
+                self.engine.wait(request)
+        finally:
+            for request in requests:
+                self.engine.cancel(request)  # a no-op for finished ones; frees the rest on an interrupt
+        return [self._completion(r) for r in requests]
 
     def generate(self, prompt: Prompt | list[Prompt], inputs: str | None = None, system: str | None = None,
                  raw: bool = False, **sampling: Any) -> str | list[str]:
         """Text for one prompt (str or messages), or a list of texts for a list of prompts."""
-        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], dict)
+        batch = isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], dict))
         prompts: list[Prompt] = list(prompt) if batch else [prompt]  # type: ignore[arg-type]
+        if not prompts:
+            return []
         texts = [c.text for c in self.complete(prompts, inputs, system, raw, **sampling)]
         return texts if batch else texts[0]
 
     def stream(self, prompt: Prompt, inputs: str | None = None, system: str | None = None, raw: bool = False,
                **sampling: Any) -> Iterator[str]:
-        """Text pieces as tokens come, each made of whole characters."""
-        params = self.sampling(**sampling)
-        encoded = [self.encode_prompt(prompt, inputs, system, raw)]
-        for _row, piece, _completion in self._events(encoded, params, True):
-            if piece:
-                yield piece
+        """Text pieces as tokens come, each made of whole characters; they join to `generate`'s text."""
+        (request,) = self._submit([self.encode_prompt(prompt, inputs, system, raw)], self.sampling(**sampling))
+        sent = 0
+        for _ in self.engine.follow(request):
+            if len(request.text) > sent:
+                yield request.text[sent:]
+                sent = len(request.text)
+        self._completion(request)  # raises the request's error, if it failed
 
-    def _engine(self, batch: int, row_len: int) -> Engine:
-        """The engine of the last call, grown if needed: its rows keep their prefixes, so the next chat turn
-        prefills only the new tokens. Rows grow in steps of 256 slots to avoid a copy per turn."""
-        row_len = min(-(-row_len // 256) * 256, self.config.max_seq_len)
-        engine = getattr(self, "_last_engine", None)
-        if engine is not None and engine.model.cache_owner in (engine, None) and not engine.has_work():
-            if engine.max_batch < batch or engine.row_len < row_len:
-                engine.grow(batch, row_len)
-            engine.eos_ids, engine.decode_fn = self.eos_ids, self.decode  # both may have been changed since
-            return engine
-        self._last_engine = Engine(self.model, self.eos_ids, max_batch=batch, decode=self.decode, row_len=row_len)
-        return self._last_engine
+    def _submit(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
+        requests: list[Request] = []
+        try:
+            for ids in prompts:
+                requests.append(self.engine.submit(ids, params))
+        except BaseException:
+            for request in requests:
+                self.engine.cancel(request)
+            raise
+        return requests
 
-    def _events(self, prompts: list[list[int]], params: SamplingParams,
-                use_cache: bool) -> Iterator[tuple[int, str, Completion | None]]:
-        """(row, new text, completion when the row ends) for every step of every row."""
-        style, stops = self.prompt_style, params.stop
-        decoders = [StreamDecoder(self.tokenizer) for _ in prompts]
-        texts = [""] * len(prompts)
-        emitted = [0] * len(prompts)
-        generated: list[list[int]] = [[] for _ in prompts]
-        finished: set[int] = set()
-        if use_cache:
-            engine = self._engine(len(prompts), max(min(len(p) + params.max_new_tokens, self.config.max_seq_len)
-                                                    for p in prompts))
-            requests = [engine.submit(p, params) for p in prompts]
-            row_of = {r.id: i for i, r in enumerate(requests)}
-            steps: Iterator[Step] = (replace(s, row=row_of[s.row]) for s in _engine_steps(engine))
-        else:  # the no-cache path recomputes everything each step: the reference the tests compare with
-            steps = decode_steps(self.model, prompts, [params] * len(prompts), self.eos_ids, False, finished)
-        for step in steps:
-            row = step.row
-            generated[row].append(step.token_id)
-            reason = step.finish_reason
-            ends_with_eos = reason == "stop"
-            if not ends_with_eos:
-                texts[row] += style.postprocess(decoders[row].push(step.token_id))
-            cut = find_stop(texts[row], stops) if stops else None
-            if cut is not None:
-                reason = "stop"
-                finished.add(row)
-                if use_cache:
-                    engine.cancel(requests[row])
-            if reason is None:
-                visible = len(texts[row]) - held_back(texts[row], stops)
-                if visible > emitted[row]:
-                    yield row, texts[row][emitted[row]:visible], None
-                    emitted[row] = visible
-                continue
-            # The streamed text is the text: pieces joined always equal the completion.
-            final = texts[row] if cut is not None else texts[row] + style.postprocess(decoders[row].flush())
-            cut = find_stop(final, stops) if stops else None
-            if cut is not None:
-                final, reason = final[:cut], "stop"
-            completion = Completion(final, generated[row], prompts[row], reason)
-            yield row, final[emitted[row]:], completion
-            emitted[row] = len(final)
+    @staticmethod
+    def _completion(request: Request) -> Completion:
+        if request.finish_reason == "error":
+            raise KataruError(request.error or "the engine failed")
+        assert request.finish_reason is not None
+        return Completion(request.text, list(request.tokens), request.prompt, request.finish_reason)
 
     def save_quantized(self, out: str | Path) -> Path:
         """Write a quantized copy of this checkpoint folder that kataru loads back as it is."""
@@ -241,9 +218,10 @@ class LLM:
             raise KataruError(f"a sequence of {width} tokens is longer than the model's context of "
                               f"{self.config.max_seq_len}; shorten it")
         vocab = self.config.vocab_size
-        bad = [i for ids in token_ids for i in ids if not 0 <= i < vocab]
+        bad = [i for ids in token_ids for i in ids if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < vocab]
         if bad:
-            raise KataruError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise KataruError(f"token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
         device = self.model.tok_embeddings.weight.device
         tokens = torch.zeros(len(token_ids), width, dtype=torch.long, device=device)
         for row, ids in enumerate(token_ids):
@@ -251,13 +229,20 @@ class LLM:
         return self.model(tokens).float()
 
 
-def _engine_steps(engine: Engine) -> Iterator[Step]:
-    while engine.has_work():
-        yield from engine.step()
+def prompt_style_of(folder: Path, tokenizer: Tokenizer, name: str | None = None) -> PromptStyle:
+    """The prompt style a checkpoint folder is used with: `name` when given, a seed card's, else what the
+    tokenizer and the architecture say (a chat template, rinna's `<NL>`, alpaca-ja for StableLM and Mistral)."""
+    if name:
+        return get_style(name)
+    hf_config = read_config_file(folder)
+    family = ModelConfig.from_hf(hf_config).family
+    card = cards.find_card(folder, family, hf_config)
+    return get_style(card[0].prompt_style) if card else detect_style(family, tokenizer)
 
 
 def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
-         progress: bool | None = None, quantize: str | None = None, compile: bool = False) -> LLM:
+         progress: bool | None = None, quantize: str | None = None, compile: bool = False,
+         max_batch: int = 8, max_cache_tokens: int | None = None, idle_cache_tokens: int | None = None) -> LLM:
     """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
 
     compile: run the one-token decode step through torch.compile (eager fallback when unavailable).
@@ -265,5 +250,5 @@ def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "c
     With no folder, the embedded kataru-tiny-ja model that ships inside the package.
     """
     return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
-               progress=progress, quantize=quantize, compile=compile)
-
+               progress=progress, quantize=quantize, compile=compile, max_batch=max_batch,
+               max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens)

@@ -6,15 +6,16 @@ grouped-query attention, a sliding window and tied embeddings. Weights are store
 projection, one gate+up projection) so a decode step runs few, large matmuls; `checkpoint.py` maps each
 family's published layout onto these names.
 
-Generation is `prefill` (many tokens into a preallocated KV cache) followed by one-token decode steps;
-rows of a batch may be left-padded, so every call takes per-row rotary positions and a key mask.
+Generation is `prefill` (a prompt, in chunks, into one row of a KV cache the caller owns) followed by
+`decode` steps of one token per row; training and scoring run `forward` over whole sequences, no cache.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,53 +89,79 @@ def upcast_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.view(*x.shape[:-1], n)
 
 
-class KVCache(nn.Module):
-    """Keys and values for `max_batch` rows and `max_seq_len` slots, allocated once."""
+class KVCache:
+    """Keys and values of every layer for `rows` sequences of up to `slots` tokens each.
 
-    def __init__(self, max_batch: int, max_seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
+    k[layer] and v[layer] are [rows, kv_heads, slots, head_dim], zero-filled (a masked slot must never hold
+    NaN, which a zero attention weight would still spread), one tensor per layer so that a compiled step
+    writes each as a whole input rather than a view of one. The cache belongs to whoever schedules requests
+    (the engine): it decides which row a sequence takes and passes the cache into `Transformer.prefill` and
+    `Transformer.decode`, which only write and read the slots the call names. The model holds no cache.
+    """
+
+    def __init__(self, config: ModelConfig, rows: int, slots: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        shape = (max_batch, n_kv_head, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (rows, config.n_kv_head, slots, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
 
-    def update(self, start: int | Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
-               span: int | None = None) -> tuple[Tensor, Tensor]:
-        """Write the new keys/values and return every filled slot of the rows written.
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
 
-        start int: slots [start, start+T) of rows `rows` (default: the first B rows). start Tensor [B]: one
-        token per row, each at its own slot (continuous batching, where rows hold sequences of any length),
-        returning the first `span` slots (max(start) + 1, which Transformer.forward passes down so that no
-        layer waits on the device).
-        """
-        b, _, t, _ = k.shape
-        index = slice(0, b) if rows is None else rows
-        if isinstance(start, Tensor):
-            self.write_slots(start, k, v, rows)
-            assert span is not None, "a tensor start needs its span"
-            end = span
-        else:
-            end = start + t
-            self.k[index, :, start:end] = k
-            self.v[index, :, start:end] = v
-        return self.k[index, :, :end], self.v[index, :, :end]
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
 
-    def write_slots(self, slots: Tensor, k: Tensor, v: Tensor, rows: Tensor | None) -> None:
-        """Write one token per row at its own slot."""
-        row_ids = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        self.k[row_ids, :, slots] = k[:, :, 0]
-        self.v[row_ids, :, slots] = v[:, :, 0]
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def attend(self, slots: Tensor, qkv: Tensor, rope: Tensor | None, rows: Tensor | None, n_head: int,
-               window: int | None) -> Tensor:
-        """One decode step on the CPU kernel, from the fused projection qkv [B, 1, W]: rotate and write each
-        row's new key and value at its slot, then attend over the row's slots in place (no gathered copy of
-        the cache). Returns [B, 1, n_head * D]."""
-        b = qkv.shape[0]
-        row_ids = torch.arange(b, device=qkv.device) if rows is None else rows
-        tables = None if rope is None else rope.view(4, b, -1)
-        return kernels.decode_attention(qkv.view(b, -1), tables, self.k, self.v, row_ids, slots, n_head,
-                                        window).view(b, 1, -1)
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.k[i], self.v[i]
+
+    def resized(self, config: ModelConfig, rows: int, slots: int, moves: dict[int, int]) -> KVCache:
+        """A cache of the new shape holding, in row `moves[r]`, what row r holds (up to the shorter length)."""
+        new = KVCache(config, rows, slots, self.k[0].dtype, self.k[0].device)
+        keep = min(slots, self.slots)
+        for old_tensors, new_tensors in ((self.k, new.k), (self.v, new.v)):
+            for old, target in zip(old_tensors, new_tensors, strict=True):
+                for source_row, row in moves.items():
+                    target[row, :, :keep] = old[source_row, :, :keep]
+        return new
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Tokens [1, T] of one sequence fill slots [start, start + T) of cache row `row`, after the `start`
+    slots the row already holds (a chunk of a prompt, or the rest of one whose prefix is cached)."""
+
+    row: int
+    start: int
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One token per batch row: row b's token goes to slot slots[b] (also its position) of cache row
+    rows[b] and attends that row's slots up to it; `span` > max(slots) bounds the slots any row reads."""
+
+    rows: Tensor
+    slots: Tensor
+    span: int
+
+
+def write_and_read(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, at: Prefill | Decode) -> tuple[Tensor,
+                                                                                                       Tensor]:
+    """Write the new keys and values [B, H, T, D] where `at` says; return the keys and values they attend."""
+    k_cache, v_cache = cache
+    if isinstance(at, Prefill):
+        end = at.start + k.shape[2]
+        k_cache[at.row, :, at.start:end] = k[0]
+        v_cache[at.row, :, at.start:end] = v[0]
+        return k_cache[at.row:at.row + 1, :, :end], v_cache[at.row:at.row + 1, :, :end]
+    k_cache[at.rows, :, at.slots] = k[:, :, 0]
+    v_cache[at.rows, :, at.slots] = v[:, :, 0]
+    return k_cache[at.rows, :, :at.span], v_cache[at.rows, :, :at.span]
 
 
 class RMSNorm(nn.Module):
@@ -209,18 +236,20 @@ class Attention(nn.Module):
         self.config = config
         self.wqkv = Linear(config.dim, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         self.wo = Linear(config.q_size, config.dim, bias=config.o_bias)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | Tensor | None,
-                rows: Tensor | None = None, span: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
+                at: Prefill | Decode | None = None) -> Tensor:
         c = self.config
         b, t, _ = x.shape
         qkv = self.wqkv(x)
-        cache = self.kv_cache
-        if (isinstance(start, Tensor) and t == 1 and cache is not None
-                and kernels.attention_applicable(cache.k, x.dtype, c.head_dim)):
-            rope = rope if c.rotary_dim else None
-            return self.wo(cache.attend(start, qkv, rope, rows, c.n_head, c.sliding_window))
+        if (isinstance(at, Decode) and cache is not None
+                and kernels.attention_applicable(cache[0], x.dtype, c.head_dim)):
+            # One kernel call splits qkv, rotates, writes the row's new key and value at its slot and
+            # attends over the row's slots in place (no gathered copy of the cache).
+            tables = rope.view(4, b, -1) if c.rotary_dim else None
+            y = kernels.decode_attention(qkv.view(b, -1), tables, cache[0], cache[1], at.rows, at.slots, c.n_head,
+                                         c.sliding_window)
+            return self.wo(y.view(b, 1, -1))
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
@@ -228,11 +257,10 @@ class Attention(nn.Module):
         if c.rotary_dim:
             q = apply_rotary(q, rope[0], rope[1])
             k = apply_rotary(k, rope[2], rope[3])
-        if start is not None:
-            assert self.kv_cache is not None, "call setup_caches() before decoding with a cache"
-            k, v = self.kv_cache.update(start, k, v, rows, span)
+        if cache is not None and at is not None:
+            k, v = write_and_read(cache, k, v, at)
         gqa = c.n_kv_head != c.n_head
-        if mask is None:  # a fresh causal sequence, or one-token decode over all filled slots
+        if mask is None:  # a fresh causal sequence, or one token over every slot before it
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -264,9 +292,11 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, start: int | Tensor | None,
-                rows: Tensor | None = None, span: int | None = None) -> Tensor:
-        h = self.attention(self.attention_norm(x), rope, mask, start, rows, span)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
+                at: Prefill | Decode | None = None) -> Tensor:
+        """sequential (LLaMA, Mistral, StableLM, rinna):  x = x + attn(norm1 x);  x = x + mlp(norm2 x)
+        parallel (Alpha, NeoX with use_parallel_residual):  x = x + attn(norm1 x) + mlp(norm2 x)"""
+        h = self.attention(self.attention_norm(x), rope, mask, cache, at)
         if self.parallel:
             return x + h + self.feed_forward(self.ffn_norm(x))
         x = x + h
@@ -274,6 +304,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Three ways in, one stack of blocks:
+
+        forward(tokens)                             whole sequences from position 0, no cache (training, scoring)
+        prefill(tokens, cache, row, start)          one sequence's tokens into cache row `row` from slot `start`
+        decode(tokens, cache, rows, slots, span)    one token per row, each at its own slot of its own row
+
+    A cache row holds one sequence: slot s holds the key and value of its token at position s, so a row's
+    slots are its positions, and rows of one decode batch may hold sequences of any length.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -284,75 +324,51 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(config)
-        self.cache_rows = 0
-        self.cache_len = 0
-        self._cache_owner: weakref.ref | None = None
 
-    @property
-    def cache_owner(self) -> Any:
-        """The Engine whose rows the cache holds (see Engine._pick_row). Held weakly: a model does not keep its
-        engine alive, and copying the model does not copy the engine (its lock and worker thread cannot be)."""
-        return None if self._cache_owner is None else self._cache_owner()
+    @classmethod
+    def empty(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
+        """The structure on the meta device with no initialiser run (every tensor is filled afterwards) and
+        its rotary tables built for real on the default device."""
+        with torch.device("meta"), skip_init():
+            model = cls(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        model.rotary = Rotary(config)
+        return model
 
-    @cache_owner.setter
-    def cache_owner(self, owner: Any) -> None:
-        self._cache_owner = None if owner is None else weakref.ref(owner)
+    def new_cache(self, rows: int, slots: int) -> KVCache:
+        """An empty KV cache for this model's dtype and device."""
+        weight = self.tok_embeddings.weight
+        return KVCache(self.config, rows, slots, weight.dtype, weight.device)
 
-    def setup_caches(self, max_batch: int, max_seq_len: int, keep: bool = False) -> None:
-        """Preallocate the KV cache (reused when the request fits what is already there).
-
-        keep: when it must grow, copy what the old rows held into the new cache (an engine's cached prefixes).
-        """
-        if max_batch <= self.cache_rows and max_seq_len <= self.cache_len:
-            return
-        c = self.config
-        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        rows, length = max(max_batch, self.cache_rows), max(max_seq_len, self.cache_len)
-        for layer in self.layers:
-            old = layer.attention.kv_cache
-            layer.attention.kv_cache = None  # free before allocating when nothing is kept
-            new = KVCache(rows if keep else max_batch, length if keep else max_seq_len, c.n_kv_head, c.head_dim,
-                          dtype, device)
-            if keep and old is not None:
-                new.k[:old.k.shape[0], :, :old.k.shape[2]] = old.k
-                new.v[:old.v.shape[0], :, :old.v.shape[2]] = old.v
-            layer.attention.kv_cache = new
-        if keep:
-            self.cache_rows, self.cache_len = rows, length
-        else:
-            self.cache_rows, self.cache_len = max_batch, max_seq_len
-            self.cache_owner = None
-
-    def drop_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.cache_rows = self.cache_len = 0
-        self.cache_owner = None
-
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, start: int | Tensor | None = None,
-                key_mask: Tensor | None = None, last_only: bool = False, rows: Tensor | None = None,
-                span: int | None = None) -> Tensor:
-        """Logits for tokens [B, T], written at KV-cache slots [start, start+T) (start=None: no cache).
-
-        positions [B, T] are the rotary positions (they differ from slots for left-padded rows);
-        key_mask [B, start+T] marks the slots holding real tokens (None: all of them); rows picks the
-        cache rows (default the first B). A tensor start [B] decodes one token per row at its own slot;
-        span = max(start) + 1 when the caller knows it (saves a device sync).
-        """
+    def forward(self, tokens: Tensor, last_only: bool = False) -> Tensor:
+        """Logits [B, T, V] of sequences [B, T] that start at position 0 ([B, 1, V] with last_only)."""
         b, t = tokens.shape
-        if isinstance(start, Tensor):
-            positions = start.unsqueeze(1) if positions is None else positions
-            span = span if span is not None else int(start.max()) + 1
-            mask = self.row_mask(start, span)
-        else:
-            first = start or 0
-            if positions is None:
-                positions = torch.arange(first, first + t, device=tokens.device).expand(b, t)
-            mask = self.attention_mask(t, first, key_mask, tokens.device)
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+        return self._logits(tokens, positions, self.attention_mask(t, 0, tokens.device), None, None, last_only)
+
+    def prefill(self, tokens: Tensor, cache: KVCache, row: int, start: int) -> Tensor:
+        """Logits [1, V] after tokens [1, T], which fill slots [start, start + T) of cache row `row`."""
+        t = tokens.shape[1]
+        positions = torch.arange(start, start + t, device=tokens.device).unsqueeze(0)
+        mask = self.attention_mask(t, start, tokens.device)
+        return self._logits(tokens, positions, mask, cache, Prefill(row, start), True)[:, -1]
+
+    def decode(self, tokens: Tensor, cache: KVCache, rows: Tensor, slots: Tensor, span: int) -> Tensor:
+        """Logits [B, V] after tokens [B, 1], token b at slot slots[b] of cache row rows[b].
+
+        span > max(slots) is the number of slots the batch reads, passed in so that no layer waits on the
+        device to learn it; a larger span (a CUDA graph's bucket) gives the same logits under the row mask.
+        """
+        return self._logits(tokens, slots.unsqueeze(1), self.row_mask(slots, span), cache, Decode(rows, slots, span),
+                            False)[:, -1]
+
+    def _logits(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None,
+                at: Prefill | Decode | None, last_only: bool) -> Tensor:
         x = self.tok_embeddings(tokens)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, mask, start, rows, span)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if cache is None else cache.layer(i), at)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
@@ -365,19 +381,33 @@ class Transformer(nn.Module):
             mask = mask & (slots.unsqueeze(1) - keys.unsqueeze(0) < self.config.sliding_window)
         return mask[:, None, None, :]
 
-    def attention_mask(self, t: int, start: int, key_mask: Tensor | None, device: torch.device) -> Tensor | None:
-        """Boolean [B|1, 1, T, start+T] mask, or None when plain causal attention is exact."""
+    def attention_mask(self, t: int, start: int, device: torch.device) -> Tensor | None:
+        """Boolean [1, 1, T, start+T] mask of T queries at slots [start, start+T), or None when plain causal
+        attention (or one query over every slot) is exact."""
         window = self.config.sliding_window
         s = start + t
-        if key_mask is None and (window is None or s <= window) and (start == 0 or t == 1):
+        if (window is None or s <= window) and (start == 0 or t == 1):
             return None
         slots = torch.arange(s, device=device)
         query_slots = slots[start:].unsqueeze(-1)
         mask = slots <= query_slots
         if window is not None:
             mask = mask & (query_slots - slots < window)
-        mask = mask.view(1, 1, t, s)
-        if key_mask is not None:
-            # A padding query would see no key at all (NaN rows); let it see itself instead.
-            mask = (mask & key_mask[:, None, None, :s]) | (slots == query_slots).view(1, 1, t, s)
-        return mask
+        return mask.view(1, 1, t, s)
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Build modules without running their weight initialisers (every tensor is overwritten anyway).
+
+    On the meta device torch's initialisers import torch._dynamo: over a second of start-up for nothing.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from kataru import kernels
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
-from kataru.model import Linear
+from kataru.model import Linear, Transformer
+from kataru.runtime import DTYPES, resolve_dtype
 
 METHODS = ("int8", "int4")
 
@@ -192,9 +193,10 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
     if method not in METHODS:
         raise KataruError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
     if model.tok_embeddings.weight.dtype == torch.float16 and method == "int8":  # type: ignore[union-attr]
-        raise KataruError("int8 runs with bfloat16 or float32 activations; load with --dtype bfloat16")
-    if not inplace:
-        model = _copy_without_caches(model)
+        raise KataruError("int8 runs with bfloat16 or float32 activations; load the model with dtype bfloat16")
+    if not inplace:  # a copy sharing every tensor: nothing is copied until a linear is replaced
+        memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        model = copy.deepcopy(model, memo)
 
     def convert(linear: nn.Linear) -> nn.Module:
         if _int4_fits(linear, method):
@@ -202,16 +204,6 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
         return Int8Linear.from_linear(linear)
 
     return _replace_linears(model, method, convert)
-
-
-def _copy_without_caches(model: nn.Module) -> nn.Module:
-    """A copy that shares the weights but has no KV cache yet: an engine on the copy must not overwrite the
-    rows in which the original's engine keeps its prefixes."""
-    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    memo.update({id(layer.attention.kv_cache): None for layer in model.layers})  # type: ignore[union-attr]
-    clone = copy.deepcopy(model, memo)
-    clone.drop_caches()  # type: ignore[operator]
-    return clone
 
 
 def empty_quantized(model: nn.Module, method: str, group_size: int = 64) -> nn.Module:
@@ -276,16 +268,22 @@ def save_quantized(model: nn.Module, source: Path, out: Path) -> Path:
     return out
 
 
-def load_quantized(folder: Path, config: ModelConfig, info: dict, device: str = "cpu") -> nn.Module:
+def load_quantized(folder: Path, config: ModelConfig, info: dict, device: str = "cpu", dtype: str = "auto",
+                   quantize: str | None = None) -> Transformer:
+    """A folder `save_quantized` wrote, as it was saved; dtype (other than auto) converts its activations,
+    embeddings and norms; a quantize= other than the folder's method is refused rather than ignored."""
     from safetensors.torch import load_file
 
-    from kataru.checkpoint import DTYPES
-    from kataru.model import Rotary, Transformer
-
-    dtype = DTYPES[info.get("dtype", "bfloat16")]
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    empty_quantized(model, info["method"], info.get("group_size") or 64)
+    method = info["method"]
+    if quantize and quantize != method:
+        raise KataruError(f"{folder} is already quantized with {method}; load it without quantize= (or quantize "
+                          "the original checkpoint with " + quantize + ")")
+    saved = DTYPES[info.get("dtype", "bfloat16")]
+    wanted = saved if dtype == "auto" else resolve_dtype(dtype, config)
+    if wanted == torch.float16 and method == "int8":
+        raise KataruError("int8 runs with bfloat16 or float32 activations; load it with dtype bfloat16 or float32")
+    model = Transformer.empty(config, saved)
+    empty_quantized(model, method, info.get("group_size") or 64)
     try:
         state = load_file(str(folder / "model.safetensors"), device=device)
     except Exception as err:
@@ -296,6 +294,7 @@ def load_quantized(folder: Path, config: ModelConfig, info: dict, device: str = 
     except RuntimeError as err:
         raise KataruError(f"quantized weights in {folder} do not match config.json ({str(err).splitlines()[0]}); "
                           "quantize the checkpoint again") from None
-    with torch.device(device):
-        model.rotary = Rotary(config)
+    model.rotary = model.rotary.to(device)
+    if wanted != saved:
+        model = model.to(wanted)  # floating tensors only: the int8 and 4-bit weights stay as they are
     return model.eval().requires_grad_(False)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kataru import kernels
-from kataru.bench import SHAPES, Result, build_shape, format_table, median_result
+from kataru.bench import Result, format_table, median_result
 from kataru.cli import main
 from kataru.config import ModelConfig
+from kataru.shapes import SHAPES, build_shape
 
 
 def test_bench_float16_weights_measure_the_kernels_against_torch(capsys: pytest.CaptureFixture) -> None:
@@ -40,7 +41,6 @@ def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
     assert "kataru/transformers" in format_table(report)
 
 
-
 def test_rounds_take_turns_and_report_medians(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "tiny", "--rounds", "3", "--quantize", "int8", "--prompt-tokens", "32", "--new-tokens",
                  "3", "--json"]) == 0
@@ -56,9 +56,13 @@ def test_rounds_take_turns_and_report_medians(capsys: pytest.CaptureFixture) -> 
     assert (median.engine, median.prefill_tok_s, median.ttft_s, median.decode_b1_tok_s, median.decode_b8_tok_s) == \
         ("k", 20.0, 1 / 20, 2.0, 8.0)
     assert main(["bench", "tiny", "--rounds", "0"]) == 2
-    assert "--rounds 0" in capsys.readouterr().err
+    assert "rounds=0: measure each engine at least once" in capsys.readouterr().err
+
 
 def test_bench_shapes_mirror_real_configs() -> None:
+    assert {name: shape["torch_dtype"] for name, shape in SHAPES.items() if name != "tiny"} == {
+        "llm-jp-3.1-1.8b": "bfloat16", "rinna-3.6b": "float16", "jslm-3b-4e1t": "bfloat16", "gamma-7b": "bfloat16",
+        "alpha-7b": "float32"}  # as each model is published: dtype auto benchmarks what users load
     assert ModelConfig.from_hf(SHAPES["gamma-7b"]).num_parameters() == 7_241_732_096  # Mistral-7B-v0.1
     jslm = ModelConfig.from_hf(SHAPES["jslm-3b-4e1t"])
     assert jslm.num_parameters() == 2_795_443_200  # the card's parameter count
@@ -72,11 +76,11 @@ def test_shared_weights_give_the_same_logits() -> None:
         assert (model(ids) - reference(ids).logits).abs().max() < 1e-4
 
 
-def test_quality_reports_perplexity_per_method(checkpoints: dict, tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_eval_perplexity_reports_each_method(checkpoints: dict, tmp_path, capsys: pytest.CaptureFixture) -> None:
     text = tmp_path / "heldout.txt"
     text.write_text("吾輩は猫である。名前はまだ無い。" * 20, encoding="utf-8")
     folder = checkpoints["llama"][0]
-    assert main(["bench", str(folder), "--quality", "--quantize", "int8,int4", "--text", str(text), "--json",
+    assert main(["eval", "perplexity", str(folder), "--quantize", "int8,int4", "--data", str(text), "--json",
                  "--dtype", "float32"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)

@@ -65,7 +65,8 @@ def test_chat_with_no_model_argument() -> None:
 def test_jcommonsenseqa_scoring_matches_transformers(tmp_path: Path) -> None:
     """The eval's choice for each question is the argmax of transformers' summed answer log-probabilities."""
     transformers = pytest.importorskip("transformers")
-    from kataru.eval.jcommonsenseqa import evaluate, question_text
+    from kataru.data.jglue import question_text
+    from kataru.eval.jcommonsenseqa import evaluate
 
     rows = [{"q_id": i, "question": q, "choice0": "東京", "choice1": "大阪", "choice2": "京都", "choice3": "札幌",
              "choice4": "福岡", "label": i % 5} for i, q in enumerate(["日本の首都は？", "一番北の都市は？", "古都は？"])]

@@ -1,29 +1,29 @@
-"""Continuous batching: same greedy outputs as running alone, joins, cancellation, memory budget, async."""
+"""The engine on real models: same greedy outputs as running alone, joins, cancellation, memory budget, chunked
+prefill, exact prefix reuse, async streams, compiled and graphed decode steps."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import gc
 import threading
 
 import pytest
 import torch
+from helpers import generate_alone
 
 import kataru
 from kataru import kernels
 from kataru.engine import Engine, GraphedDecode
 from kataru.errors import KataruError
-from kataru.generation import SamplingParams, decode_steps
+from kataru.sampling import SamplingParams
 
 
 def alone(llm: kataru.LLM, prompt: list[int], params: SamplingParams) -> list[int]:
-    return [s.token_id for s in decode_steps(llm.model, [prompt], [params], llm.eos_ids)]
+    return generate_alone(llm.model, prompt, params, llm.eos_ids)
 
 
-def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
+def prompts(vocab: int, lengths: list[int], seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -42,7 +42,7 @@ def test_requests_joining_mid_batch_match_running_alone(family: str, checkpoints
     engine.run()
     assert [r.tokens for r in first + later] == expected
     assert all(r.finish_reason == "length" for r in first + later)
-    assert sorted(engine.free_rows) == [0, 1, 2] and engine.reserved == 0
+    assert sorted(engine.scheduler.free_rows) == [0, 1, 2] and engine.scheduler.reserved == 0
 
 
 def test_cancelling_a_neighbour_frees_its_row_and_leaves_others_unchanged(checkpoints: dict) -> None:
@@ -53,10 +53,10 @@ def test_cancelling_a_neighbour_frees_its_row_and_leaves_others_unchanged(checkp
     keep, drop = engine.submit(a, params), engine.submit(b, params)
     engine.step()
     engine.step()
-    assert engine.free_rows == [] and engine.reserved == keep.reserved + drop.reserved
+    assert engine.scheduler.free_rows == [] and engine.scheduler.reserved == keep.reserved + drop.reserved
     engine.cancel(drop)
-    assert drop.finish_reason == "cancelled" and engine.free_rows == [drop.row]
-    assert engine.reserved == keep.reserved
+    assert drop.finish_reason == "cancelled" and engine.scheduler.free_rows == [drop.row]
+    assert engine.scheduler.reserved == keep.reserved
     engine.run()
     assert keep.tokens == alone(llm, a, params)
 
@@ -75,9 +75,9 @@ def test_chunked_prefill_keeps_neighbours_decoding_and_matches_running_alone(fam
     for _ in range(5):
         steps = engine.step()
         got.append(len(running.tokens))
-        assert running.id in [s.row for s in steps]  # the running request decodes on every step
+        assert running.id in [s.request_id for s in steps]  # the running request decodes on every step
     assert late.prefilled == 37 and late.tokens and got == [2, 3, 4, 5, 6]
-    assert neighbour in engine.prefilling and neighbour.prefilled == 0  # 5 + 6 > 8: its whole chunk waits
+    assert neighbour in engine.scheduler.prefilling and neighbour.prefilled == 0  # 5 + 6 > 8: its chunk waits
     engine.run()
     for request, prompt in ((running, short), (late, long), (neighbour, other)):
         assert request.tokens == alone(llm, prompt, params)
@@ -93,13 +93,15 @@ def test_cancelling_during_chunked_prefill_frees_the_row_and_keeps_what_was_pref
     request = engine.submit(prompt, params)
     engine.step()
     engine.step()
-    assert request.prefilled == 20 and engine.free_rows == [] and engine.reserved == request.reserved
+    assert request.prefilled == 20 and engine.scheduler.free_rows == []
+    assert engine.scheduler.reserved == request.reserved
     engine.cancel(request)
     assert request.finish_reason == "cancelled" and not request.tokens
-    assert engine.free_rows == [0] and engine.reserved == 0 and not engine.has_work()
+    assert engine.scheduler.free_rows == [0] and engine.scheduler.reserved == 0 and not engine.has_work()
     again = engine.submit(prompt, params)  # the 20 tokens already in the row are not prefilled again
     engine.run()
-    assert engine.reused_tokens == 20 and again.tokens == alone(llm, prompt, params)
+    assert again.reused == 20 and engine.scheduler.reused_tokens == 20
+    assert again.tokens == alone(llm, prompt, params)
 
 
 def test_budget_makes_requests_wait_and_refuses_what_never_fits(checkpoints: dict) -> None:
@@ -109,7 +111,7 @@ def test_budget_makes_requests_wait_and_refuses_what_never_fits(checkpoints: dic
     engine = Engine(llm.model, llm.eos_ids, max_batch=4, max_cache_tokens=45)  # room for one request of 30
     first, second = engine.submit(a, params), engine.submit(b, params)
     engine.step()
-    assert first in engine.running and second in engine.waiting  # waits for memory, not for a row
+    assert first in engine.scheduler.running and second in engine.scheduler.waiting  # waits for memory, not a row
     engine.run()
     assert first.tokens == alone(llm, a, params) and second.tokens == alone(llm, b, params)
     with pytest.raises(KataruError, match="more than the engine's budget"):
@@ -129,7 +131,56 @@ def test_per_request_sampling_and_eos(checkpoints: dict) -> None:
     stopped = engine.submit(p, SamplingParams(max_new_tokens=8, do_sample=False))
     engine.run()
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
+    assert sampled[0].tokens == alone(llm, p, SamplingParams(max_new_tokens=8, seed=1, top_k=0, ignore_eos=True))
     assert stopped.tokens == [first] and stopped.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill_in_every_dtype(weights: str, checkpoints: dict) -> None:
+    """A prompt that shares a prefix with an earlier one continues from the earlier one's cached chunks and
+    gets the very tokens a fresh engine gives it, for shared prefixes around every chunk boundary: reuse
+    resumes at a chunk boundary, and those chunks were computed exactly as the new prompt's own would be."""
+    quantize = weights if weights.startswith("int") else None
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32" if weights == "float32" else "bfloat16",
+                      quantize=quantize)
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    (base,) = prompts(llm.config.vocab_size, [40], seed=11)
+    tails = prompts(llm.config.vocab_size, [5, 6], seed=12)
+    shared = [7, 8, 9, 15, 16, 17, 23, 24, 25]
+    reused = []
+    for n in shared:
+        first, second = base[:n] + tails[0], base[:n] + tails[1]
+        warm = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=8)
+        warm.submit(first, params)
+        warm.run()
+        again = warm.submit(second, params)
+        warm.run()
+        fresh = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=8)
+        expected = fresh.submit(second, params)
+        fresh.run()
+        assert again.tokens == expected.tokens, f"shared prefix of {n} tokens"
+        reused.append(again.reused)
+    assert reused == [n - n % 8 for n in shared]  # 0, 8, 8, 8, 16, 16, 16, 24, 24
+
+
+def test_decode_written_slots_are_never_reused(checkpoints: dict) -> None:
+    """The next turn of a chat holds the previous answer, which decode steps wrote: the row serves the whole
+    chunks of the previous prompt only, and the turn's tokens are those of a fresh prefill."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16")
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    first_prompt, extra = prompts(llm.config.vocab_size, [21, 5])
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2, prefill_chunk=4)
+    first = engine.submit(first_prompt, params)
+    neighbour = engine.submit(prompts(llm.config.vocab_size, [9], seed=5)[0], params)
+    engine.run()
+    follow_up = first_prompt + first.tokens + extra
+    second = engine.submit(follow_up, params)
+    engine.run()
+    assert second.row == first.row != neighbour.row and second.reused == 20
+    fresh = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=4)
+    expected = fresh.submit(follow_up, params)
+    fresh.run()
+    assert second.tokens == expected.tokens
 
 
 def test_async_stream(checkpoints: dict) -> None:
@@ -155,15 +206,17 @@ def test_streams_step_on_a_worker_thread_and_cancel_without_waiting_for_the_step
     a, b = prompts(llm.config.vocab_size, [7, 10])
     step_started, release = threading.Event(), threading.Event()
     threads = set()
+    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
+    decode = engine.runner.decode_step
 
-    def held_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def held_decode(*args):  # type: ignore[no-untyped-def]
         threads.add(threading.get_ident())
         if len(keep.tokens) == 3:  # one step is held until the loop side releases it
             step_started.set()
             assert release.wait(timeout=30), "the event loop never ran while the step was held"
-        return llm.model(*args, **kwargs)
+        return decode(*args)
 
-    engine = Engine(llm.model, llm.eos_ids, max_batch=2, decode=held_decode)
+    engine.runner.decode_step = held_decode
     keep, drop = engine.submit(a, params), engine.submit(b, params)
 
     async def main() -> list[int]:
@@ -172,10 +225,10 @@ def test_streams_step_on_a_worker_thread_and_cancel_without_waiting_for_the_step
         while not step_started.is_set():
             await asyncio.sleep(0.01)
         engine.cancel(drop)  # returns at once: the held step owns the rows
-        assert drop.finish_reason is None and drop.row not in engine.free_rows
+        assert drop.finish_reason is None and drop.row not in engine.scheduler.free_rows
         release.set()
         assert await dropped == drop.tokens and len(drop.tokens) == 4  # the held step still decoded it
-        assert drop.finish_reason == "cancelled" and drop.row in engine.free_rows
+        assert drop.finish_reason == "cancelled" and drop.row in engine.scheduler.free_rows
         return await kept
 
     async def collect(request):  # type: ignore[no-untyped-def]
@@ -183,17 +236,18 @@ def test_streams_step_on_a_worker_thread_and_cancel_without_waiting_for_the_step
 
     assert asyncio.run(main()) == alone(llm, a, params)
     assert threading.get_ident() not in threads and len(threads) == 1  # one worker thread, not the loop's
-    assert engine.reserved == 0 and sorted(engine.free_rows) == [0, 1]
+    assert engine.scheduler.reserved == 0 and sorted(engine.scheduler.free_rows) == [0, 1]
 
 
-def test_a_failing_step_ends_every_stream_with_one_clear_error(checkpoints: dict) -> None:
+def test_a_failing_step_ends_its_streams_with_one_clear_error(checkpoints: dict) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
 
-    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def broken(*args):  # type: ignore[no-untyped-def]
         raise RuntimeError("device lost\nmore detail")
 
-    engine = Engine(llm.model, llm.eos_ids, max_batch=1, decode=broken)
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1)
+    engine.runner.decode_step = broken
     first, queued = (engine.submit(p, params) for p in prompts(llm.config.vocab_size, [5, 6]))
 
     async def collect(request):  # type: ignore[no-untyped-def]
@@ -206,7 +260,7 @@ def test_a_failing_step_ends_every_stream_with_one_clear_error(checkpoints: dict
     for result in results:
         assert isinstance(result, KataruError) and str(result) == "the engine failed (RuntimeError: device lost)"
     assert first.finish_reason == queued.finish_reason == "error" and not engine.has_work()
-    assert engine.reserved == 0 and engine.free_rows == [0]
+    assert engine.scheduler.reserved == 0 and engine.scheduler.free_rows == [0]
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
@@ -216,12 +270,13 @@ def test_compiled_decode_step_matches_eager(checkpoints: dict, quantize: str | N
     graph that keeps kataru's CPU kernels (as torch operators) where they run."""
     from torch._dynamo.utils import counters
 
-    llm = kataru.load(checkpoints["llama"][0], dtype="float32", quantize=quantize, compile=True)
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32", quantize=quantize)
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (10, 6, 9)]
     ps = prompts(llm.config.vocab_size, [4, 13, 8])
     expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
 
     inside, calls = {"decode": False}, {"_linear_int8": 0, "_decode_attention": 0}
+
     def counting(name: str):  # type: ignore[no-untyped-def]
         kernel = getattr(kernels, name)
 
@@ -233,22 +288,25 @@ def test_compiled_decode_step_matches_eager(checkpoints: dict, quantize: str | N
     for name in calls:
         monkeypatch.setattr(kernels, name, counting(name))
 
-    def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+    counters.clear()
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3, compile=True)
+    compiled = engine.runner.decode_step
+    assert compiled != llm.model.decode
+
+    def decode(*args):  # type: ignore[no-untyped-def]
         inside["decode"] = True
         try:
-            return llm.decode(*args, **kwargs)
+            return compiled(*args)
         finally:
             inside["decode"] = False
 
-    counters.clear()
-    engine = Engine(llm.model, llm.eos_ids, max_batch=3, decode=decode)
+    engine.runner.decode_step = decode
     first = engine.submit(ps[0], params[0])
     engine.step()
     engine.step()
     rest = [engine.submit(p, q) for p, q in zip(ps[1:], params[1:], strict=True)]
     engine.run()
     assert [r.tokens for r in [first, *rest]] == expected
-    assert llm.decode is not llm.model
     assert not counters["graph_break"], dict(counters["graph_break"])
     if kernels.available():
         assert calls["_decode_attention"] > 0
@@ -259,7 +317,7 @@ def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, m
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
 
-    def broken_compiler(model: torch.nn.Module, **kwargs: object):  # type: ignore[no-untyped-def]
+    def broken_compiler(fn: object, **kwargs: object):  # type: ignore[no-untyped-def]
         def run(*args: object, **kw: object) -> torch.Tensor:
             raise RuntimeError("InductorError: no working C++ compiler found\nlong trace")
         return run
@@ -275,28 +333,45 @@ def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, m
     assert err.count("torch.compile failed") == 1 and "decoding eagerly" in err and "long trace" not in err
 
 
-def run_graphed(llm: kataru.LLM, graphed: GraphedDecode, ps: list[list[int]],
-                params: list[SamplingParams]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+def test_a_model_error_inside_the_compiled_step_is_not_hidden(checkpoints: dict,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the compiler's own errors fall back to eager decoding; a bug in the step is raised as it is."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+
+    def compiler(fn: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        def run(*args: object) -> torch.Tensor:
+            raise ValueError("shape bug in the model")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiler)
+    engine = Engine(llm.model, llm.eos_ids, max_batch=1, compile=True)
+    request = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, do_sample=False, ignore_eos=True))
+    engine.run()
+    assert request.finish_reason == "error" and request.error == "the engine failed (ValueError: shape bug in the model)"
+
+
+def run_graphed(llm: kataru.LLM, graphed: GraphedDecode, ps: list[list[int]], params: list[SamplingParams],
+                monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
     """(each request's tokens, (batch size, span, longest row's span) of each decode step the model ran) on a
     4-row engine."""
     steps: list[tuple[int, int, int]] = []
+    decode = llm.model.decode
 
-    def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        if args[0].shape[1] == 1:
-            steps.append((args[0].shape[0], kwargs["span"], int(kwargs["start"].max()) + 1))
+    def record(tokens, cache, rows, slots, span):  # type: ignore[no-untyped-def]
+        steps.append((tokens.shape[0], span, int(slots.max()) + 1))
+        return decode(tokens, cache, rows, slots, span)
 
-    hook = llm.model.register_forward_hook(record, with_kwargs=True)
-    try:
-        engine = Engine(llm.model, llm.eos_ids, max_batch=4, decode=graphed)
-        requests = [engine.submit(p, q) for p, q in zip(ps, params, strict=True)]
-        engine.run()
-    finally:
-        hook.remove()
+    monkeypatch.setattr(llm.model, "decode", record)
+    engine = Engine(llm.model, llm.eos_ids, max_batch=4)
+    engine.runner.decode_step = graphed
+    requests = [engine.submit(p, q) for p, q in zip(ps, params, strict=True)]
+    engine.run()
     return [r.tokens for r in requests], steps
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
-def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict, use_kernels: bool) -> None:
+def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict, use_kernels: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The step CUDA graphs replay, run eagerly: three rows padded to four, then two and one as requests
     finish, attending over a span bucket (64 slots, then 128 as the longest row passes 64) under the mask,
     give the tokens of running alone."""
@@ -305,7 +380,7 @@ def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict,
     ps = prompts(llm.config.vocab_size, [7, 56, 4])
     with contextlib.nullcontext() if use_kernels else kernels.disabled():
         expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
-        tokens, steps = run_graphed(llm, GraphedDecode(llm.model, capture=False), ps, params)
+        tokens, steps = run_graphed(llm, GraphedDecode(llm.model, capture=False), ps, params, monkeypatch)
     assert tokens == expected
     assert {size for size, _, _ in steps} == {4, 2, 1}  # three rows ran as four; two as two, one as one
     assert {span for _, span, _ in steps} == {64, 128}
@@ -314,13 +389,14 @@ def test_static_decode_step_pads_batches_and_keeps_the_tokens(checkpoints: dict,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA graphs cannot be captured")
-def test_graph_capture_failure_falls_back_to_eager(checkpoints: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_graph_capture_failure_falls_back_to_eager(checkpoints: dict, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """After a failed capture the step runs at the batch's own shapes: three rows are not padded to four."""
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (6, 9, 4)]
     ps = prompts(llm.config.vocab_size, [5, 8, 3])
     graphed = GraphedDecode(llm.model, capture=True)  # no CUDA here: capture fails on first use
-    tokens, steps = run_graphed(llm, graphed, ps, params)
+    tokens, steps = run_graphed(llm, graphed, ps, params, monkeypatch)
     assert tokens == [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
     err = capsys.readouterr().err
     assert err.count("CUDA graph capture failed") == 1 and "decoding eagerly" in err and graphed.failed
@@ -328,65 +404,51 @@ def test_graph_capture_failure_falls_back_to_eager(checkpoints: dict, capsys: py
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
-def test_cuda_graphs_replay_the_eager_tokens(checkpoints: dict) -> None:
+def test_cuda_graphs_replay_the_eager_tokens(checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32", device="cuda")
-    assert isinstance(llm.decode, GraphedDecode) and llm.decode.capture
+    graphed = llm.engine.runner.decode_step
+    assert isinstance(graphed, GraphedDecode) and graphed.capture
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (9, 14, 5)]
     ps = prompts(llm.config.vocab_size, [7, 12, 4])
     expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
-    tokens, _ = run_graphed(llm, llm.decode, ps, params)
-    assert tokens == expected and set(llm.decode.graphs) == {(4, 64), (2, 64), (1, 64)}
+    tokens, _ = run_graphed(llm, graphed, ps, params, monkeypatch)
+    assert tokens == expected and set(graphed.graphs) == {(4, 64), (2, 64), (1, 64)}
 
 
-def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_result(checkpoints: dict) -> None:
+def test_engines_on_one_model_keep_their_own_caches(checkpoints: dict) -> None:
+    """The cache belongs to the engine: two engines on one model (or a quantized copy of it) never see each
+    other's rows, and the model holds no cache at all."""
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
-    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
-    first_prompt, other, extra = prompts(llm.config.vocab_size, [12, 9, 5])
-    engine = Engine(llm.model, llm.eos_ids, max_batch=2)
-    first = engine.submit(first_prompt, params)
-    neighbour = engine.submit(other, params)
-    engine.run()
-    # The next turn: the whole first exchange, then new tokens. Its row holds all but the newest token.
-    follow_up = first_prompt + first.tokens + extra
-    second = engine.submit(follow_up, params)
-    engine.run()
-    assert engine.reused_tokens == len(first_prompt) + len(first.tokens) - 1
-    assert second.row == first.row != neighbour.row
-    assert second.tokens == alone(llm, follow_up, params)
-    # Anyone else writing the cache (here the single-request path) makes the engine forget what rows held.
-    alone(llm, other, params)
-    third = engine.submit(follow_up + second.tokens, params)
-    engine.run()
-    assert engine.reused_tokens == len(first_prompt) + len(first.tokens) - 1  # unchanged: nothing trusted
-    assert third.tokens == alone(llm, follow_up + second.tokens, params)
+    params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    first, other = prompts(llm.config.vocab_size, [24, 24], seed=8)
+    a = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=8)
+    b = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=8)
+    a.submit(first, params)
+    a.run()
+    b.submit(other, params)  # b writes its own row 0
+    b.run()
+    again = a.submit([*first, 5, 6], params)
+    a.run()
+    assert again.reused == 24 and again.tokens == alone(llm, [*first, 5, 6], params)
+    assert not any("cache" in name for name, _ in llm.model.named_buffers())
+    assert a.runner.cache is not b.runner.cache
 
 
-
-def test_a_model_holds_its_engine_weakly(checkpoints: dict) -> None:
-    """The model remembers which engine wrote its cache rows without keeping it alive, so copying a model an
-    engine ran on copies weights and cache but not the engine (whose lock cannot be copied)."""
+def test_a_growing_cache_grows_with_demand_and_shrinks_when_idle(checkpoints: dict) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = SamplingParams(max_new_tokens=4, do_sample=False, ignore_eos=True)
-    engine = Engine(llm.model, llm.eos_ids, max_batch=1)
-    first = engine.submit([5, 6, 7, 8], params)
+    engine = Engine(llm.model, llm.eos_ids, max_batch=8, grow=True, idle_cache_tokens=256, prefill_chunk=8)
+    assert engine.runner.cache is None and engine.stats()["cache_bytes"] == 0
+    ps = prompts(llm.config.vocab_size, [20] * 6, seed=4)
+    requests = [engine.submit(p, params) for p in ps]
+    engine.step()
+    stats = engine.stats()  # every request admitted at once: rows grown by doubling, 1, 2, 4, 8
+    assert stats["cache_rows"] == 8 and stats["cache_slots"] == 256 and stats["prefilling"] == 6
     engine.run()
-    assert llm.model.cache_owner is engine
-    clone = copy.deepcopy(llm.model)
-    assert torch.equal(clone.layers[0].attention.kv_cache.k, llm.model.layers[0].attention.kv_cache.k)
-    other = Engine(clone, llm.eos_ids, max_batch=1)
-    again = other.submit([5, 6, 7, 8], params)
-    other.run()
-    assert again.tokens == first.tokens and other.reused_tokens == 0  # it trusts no row it did not write
-    del engine, first
-    gc.collect()
-    assert llm.model.cache_owner is None
-
-def test_chat_turns_reuse_the_previous_turn(checkpoints: dict) -> None:
-    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
-    history = [{"role": "user", "content": "こんにちは"}]
-    reply = llm.generate(history, temperature=0, max_new_tokens=6, ignore_eos=True, raw=False)
-    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "もう一度"}]
-    cached = llm.complete([history], temperature=0, max_new_tokens=6, ignore_eos=True)[0]
-    assert llm._last_engine.reused_tokens > 0
-    fresh = llm.complete([history], temperature=0, max_new_tokens=6, ignore_eos=True, use_cache=False)[0]
-    assert cached.token_ids == fresh.token_ids
+    assert [r.tokens for r in requests] == [alone(llm, p, params) for p in ps]
+    stats = engine.stats()  # one 256-slot row kept: the last request's prefix, for the next call to reuse
+    assert stats["cache_rows"] == 1 and stats["cache_slots"] == 256
+    assert stats["cache_bytes"] == 2 * llm.config.n_layer * 256 * llm.config.kv_size * 4
+    again = engine.submit(ps[-1] + [7], params)
+    engine.run()
+    assert again.reused == 16 and again.tokens == alone(llm, ps[-1] + [7], params)

@@ -107,7 +107,7 @@ def test_pickle_with_code_is_refused(capsys: pytest.CaptureFixture, ckpt: Path) 
 
 
 def test_missing_shard_and_no_weights(capsys: pytest.CaptureFixture, tokenizer_dirs: dict, tmp_path: Path) -> None:
-    from conftest import make_checkpoint
+    from helpers import make_checkpoint
 
     make_checkpoint("llama", tokenizer_dirs, tmp_path, layout="sharded")
     capsys.readouterr()
@@ -133,7 +133,7 @@ def test_unusable_devices(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
     assert_one_line_error(*run_cli(capsys, "bench", "tiny", "--device", "banana"), "unknown device")
     if not torch.cuda.is_available():
         assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--device", "cuda"), "sees no CUDA GPU",
-                              "--device cpu")
+                              "use device cpu")
         assert_one_line_error(*run_cli(capsys, "bench", "tiny", "--device", "cuda:0"), "sees no CUDA GPU")
     else:
         count = torch.cuda.device_count()

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS
+from helpers import CORPUS
 
 from kataru.cli import main
 from kataru.llm import load
 from kataru.prompts import ChatTemplate
+from kataru.scoring import IGNORE, encode_answer, pad_batch
 from kataru.tokenizer import Tokenizer
 from kataru.train.dpo import DPOTask, dpo_loss
 from kataru.train.loop import TrainConfig, Trainer
 from kataru.train.lora import LoRALinear, apply_lora, merge_lora
-from kataru.train.pretrain import FullWeights, load_trainable
-from kataru.train.sft import IGNORE, SFTTask, encode_answer, encode_example, pad_batch
+from kataru.train.sft import SFTTask, encode_example
+from kataru.train.weights import AdapterWeights, FullWeights, load_trainable
 
 FLAGS = ["--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--seq-len", "200"]
 
@@ -76,7 +77,6 @@ def test_lora_trains_only_the_adapters(pretrained: Path, tmp_path: Path) -> None
     assert trainable and all(".lora_" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     tokenizer = Tokenizer(pretrained / "final")
-    from kataru.train.sft import AdapterWeights
 
     task = SFTTask(sft_rows(), ChatTemplate(), tokenizer, 200, AdapterWeights({"r": 4, "alpha": 8, "targets": []}))
     Trainer(model, task, TrainConfig(max_steps=3, batch_size=4, lr=1e-2, warmup_steps=1), tmp_path, {"model": hf},

@@ -7,6 +7,7 @@ import torch
 
 import kataru
 from kataru.errors import KataruError
+from kataru.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "mistral"])
@@ -36,8 +37,10 @@ def test_stream_pieces_join_to_generate_text(checkpoints: dict) -> None:
     assert "".join(llm.stream(messages, seed=11, max_new_tokens=40)) == "".join(pieces)
 
 
-def test_seeded_sampling_reproduces_and_uses_card_defaults(checkpoints: dict) -> None:
-    llm = kataru.load(checkpoints["llama"][0])
+def test_seeded_sampling_reproduces_and_uses_card_defaults(checkpoints: dict, tmp_path) -> None:
+    seed = tmp_path / "llm-jp-3.1-1.8b-instruct4"  # a seed checkpoint: the llm-jp card's sampling
+    seed.symlink_to(checkpoints["llama"][0], target_is_directory=True)
+    llm = kataru.load(seed)
     assert llm.defaults.temperature == 0.7 and llm.defaults.top_p == 0.95
     assert llm.defaults.repetition_penalty == 1.05 and llm.defaults.max_new_tokens == 100
     a = llm.complete(["日本の首都は"], seed=5, max_new_tokens=30)[0]
@@ -84,11 +87,9 @@ def test_context_limits(checkpoints: dict) -> None:
     with pytest.raises(KataruError, match=f"longer than the model's context of {context}"):
         llm.generate("猫" * (context + 10), max_new_tokens=4)
     near = list(range(5, 5 + context - 3))
-    from kataru.generation import SamplingParams, decode_steps
-
-    steps = list(decode_steps(llm.model, [near], [SamplingParams(max_new_tokens=50, do_sample=False,
-                                                                 ignore_eos=True)], llm.eos_ids))
-    assert len(steps) == 3 and steps[-1].finish_reason == "length"
+    request = llm.engine.submit(near, SamplingParams(max_new_tokens=50, do_sample=False, ignore_eos=True))
+    llm.engine.wait(request)
+    assert len(request.tokens) == 3 and request.finish_reason == "length"  # the context is full
     with pytest.raises(KataruError, match="longer than the model's context"):
         llm.logits([list(range(context + 1))])
 

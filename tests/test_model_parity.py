@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, make_checkpoint
+from helpers import FAMILIES, generate_alone, make_checkpoint
 
 import kataru
 from kataru import kernels
-from kataru.generation import SamplingParams, decode_steps
+from kataru.engine import Engine
+from kataru.sampling import SamplingParams
 
 LOGIT_TOL = 1e-4
 
@@ -54,9 +55,12 @@ def test_greedy_continuation_matches_reference(family: str, checkpoints: dict) -
     prompt = random_prompts(llm.config.vocab_size, [12], seed=len(family))[0]
     expected = reference_greedy(ref, prompt, 32)
     params = SamplingParams(max_new_tokens=32, do_sample=False, ignore_eos=True)
-    for use_cache in (True, False):
-        tokens = [s.token_id for s in decode_steps(llm.model, [prompt], [params], llm.eos_ids, use_cache)]
-        assert tokens == expected, f"use_cache={use_cache}"
+    assert generate_alone(llm.model, prompt, params) == expected  # no cache: the tests' reference loop
+    for chunk in (None, 5):  # the engine: the cache, whole or chunked prompts
+        engine = Engine(llm.model, llm.eos_ids, max_batch=1, prefill_chunk=chunk)
+        request = engine.submit(prompt, params)
+        engine.run()
+        assert request.tokens == expected, f"prefill_chunk={chunk}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,14 +70,10 @@ def test_batch_of_different_lengths_equals_one_by_one(family: str, checkpoints: 
     prompts = random_prompts(llm.config.vocab_size, [5, 17, 11], seed=7)
     params = SamplingParams(max_new_tokens=20, do_sample=False, ignore_eos=True, repetition_penalty=1.1)
 
-    def run(batch: list[list[int]]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in batch]
-        for step in decode_steps(llm.model, batch, [params] * len(batch), llm.eos_ids):
-            out[step.row].append(step.token_id)
-        return out
-
-    alone = [run([p])[0] for p in prompts]
-    assert run(prompts) == alone
+    engine = Engine(llm.model, llm.eos_ids, max_batch=3)
+    requests = [engine.submit(p, params) for p in prompts]
+    engine.run()
+    assert [r.tokens for r in requests] == [generate_alone(llm.model, p, params) for p in prompts]
 
 
 @pytest.mark.parametrize("layout", ["bin", "sharded"])

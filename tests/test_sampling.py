@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kataru.engine.outputs import held_back
 from kataru.errors import KataruError
-from kataru.generation import (
+from kataru.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    held_back,
     pick_token,
     process_logits,
 )

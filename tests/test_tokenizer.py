@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, train_sentencepiece, unigram_tokenizer_json, write_json
+from helpers import SHARED, train_sentencepiece, unigram_tokenizer_json, write_json
 
 from kataru.tokenizer import StreamDecoder, Tokenizer
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 from train_fixtures import aozora_work, write_corpus
 
 from kataru.cli import main
+from kataru.data.corpus import clean_aozora, clean_corpus, is_validation, load_tokens, read_documents
 from kataru.errors import KataruError
 from kataru.tokenizer import Tokenizer
-from kataru.train.data import clean_aozora, clean_corpus, is_validation, load_tokens, read_documents
 
 
 def test_clean_aozora_drops_notation_legend_and_colophon() -> None:

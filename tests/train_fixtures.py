@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from conftest import CORPUS
+from helpers import CORPUS
 
 HEADER = """{title}
 {author}
@@ -61,8 +61,8 @@ def write_corpus(path: Path, works: int = 120, seed: int = 0) -> list[str]:
 
 def prepare(root: Path) -> dict[str, Path]:
     """raw corpus -> clean -> tokenizer -> packed tokens, all with kataru's functions."""
-    from kataru.train.data import clean_corpus, tokenize_corpus
-    from kataru.train.tokenizer import train_tokenizer
+    from kataru.data.corpus import clean_corpus, tokenize_corpus
+    from kataru.train.vocabulary import train_tokenizer
 
     raw = root / "raw.jsonl"
     write_corpus(raw)

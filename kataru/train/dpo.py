@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from kataru.errors import KataruError
 from kataru.prompts import PromptStyle
+from kataru.scoring import IGNORE, answer_logps, encode_answer, pad_batch
 from kataru.tokenizer import Tokenizer
-from kataru.train.sft import IGNORE, encode_answer, encode_prompt, pad_batch
+from kataru.train.sft import encode_conversation
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -27,15 +28,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     return -F.logsigmoid(margin).mean(), margin
 
 
-def answer_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Sum of log p(answer token) per row; prompt and padding positions carry IGNORE targets."""
-    logits = model(batch["inputs"]).float()
-    targets = batch["targets"]
-    mask = targets != IGNORE
-    picked = torch.gather(logits.log_softmax(-1), -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
-
-
 def encode_pair(row: dict[str, Any], style: PromptStyle, tokenizer: Tokenizer, max_len: int):  # type: ignore[no-untyped-def]
     where = row.get("_where", "pair")
     prompt = row.get("prompt")
@@ -43,13 +35,13 @@ def encode_pair(row: dict[str, Any], style: PromptStyle, tokenizer: Tokenizer, m
             or not isinstance(row.get("rejected"), str):
         raise KataruError(f"{where}: a preference pair needs prompt (text or messages), chosen and rejected")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    ids = encode_prompt(style, tokenizer, messages)
+    ids = encode_conversation(style, tokenizer, messages)
+    if len(ids) >= max_len:
+        return None
     out = []
     for key in ("chosen", "rejected"):
         answer = encode_answer(tokenizer, row[key])
         out.append(((ids + answer)[:max_len + 1], ([IGNORE] * len(ids) + answer)[:max_len + 1]))
-    if len(ids) >= max_len:
-        return None
     return out
 
 

@@ -1,9 +1,13 @@
-"""kataru weights <-> Hugging Face LLaMA folders, so trained models load in kataru and transformers alike."""
+"""kataru weights -> Hugging Face folders, so what kataru trains loads in kataru and transformers alike.
+
+The export map is the loader's weight plan read backwards (`checkpoint.weight_plan`): every kataru tensor
+is a stack of row ranges of published tensors, so each published tensor is put together from the kataru
+rows that came from it. Every family the loader reads can therefore be written back.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,12 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kataru.config import ModelConfig
+from kataru.checkpoint import source_rows, weight_plan
+from kataru.config import ModelConfig, read_config_file
 from kataru.errors import KataruError
+from kataru.files import write_atomic
 from kataru.model import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model")
+                   "tokenizer.model", "spiece.model", "added_tokens.json")
 
 
 def llama_config(vocab_size: int, dim: int, n_layer: int, n_head: int, intermediate_size: int, max_seq_len: int,
@@ -52,37 +58,24 @@ def llama_config(vocab_size: int, dim: int, n_layer: int, n_head: int, intermedi
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """kataru's fused tensors split back into the published LLaMA names."""
-    c = model.config
-    if c.family not in ("llama", "mistral"):
-        raise KataruError(f"export writes LLaMA-layout folders; a {c.family} model cannot be exported")
+    """kataru's fused tensors split back into the published names of the model's family."""
+    plan = weight_plan(model.config)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": state["tok_embeddings.weight"],
-                              "model.norm.weight": state["norm.weight"]}
-    for i in range(c.n_layer):
-        k, p = f"layers.{i}", f"model.layers.{i}"
-        q, kk, v = state[f"{k}.attention.wqkv.weight"].split([c.q_size, c.kv_size, c.kv_size])
-        gate, up = state[f"{k}.feed_forward.w1.weight"].chunk(2)
-        out.update({
-            f"{p}.input_layernorm.weight": state[f"{k}.attention_norm.weight"],
-            f"{p}.post_attention_layernorm.weight": state[f"{k}.ffn_norm.weight"],
-            f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": kk, f"{p}.self_attn.v_proj.weight": v,
-            f"{p}.self_attn.o_proj.weight": state[f"{k}.attention.wo.weight"],
-            f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
-            f"{p}.mlp.down_proj.weight": state[f"{k}.feed_forward.w2.weight"],
-        })
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = state["output.weight"]
-    return {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in out.items()}
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    parts: dict[str, list[tuple[int, Tensor]]] = {}
+    for name, segments in plan.items():
+        row = 0
+        for source, start, end in segments:
+            parts.setdefault(source, []).append((start, state[name][row:row + end - start]))
+            row += end - start
+    rows = source_rows(plan)
+    out: dict[str, Tensor] = {}
+    for source, pieces in parts.items():
+        first = pieces[0][1]
+        tensor = torch.empty(rows[source], *first.shape[1:], dtype=dtype or first.dtype)
+        for start, piece in pieces:
+            tensor[start:start + piece.shape[0]] = piece
+        out[source] = tensor.contiguous().cpu()
+    return out
 
 
 def save_hf(model: Transformer, hf_config: dict[str, Any], out: Path, tokenizer_folder: Path | None,
@@ -107,7 +100,5 @@ def save_hf(model: Transformer, hf_config: dict[str, Any], out: Path, tokenizer_
 
 
 def read_hf_config(folder: Path) -> tuple[dict[str, Any], ModelConfig]:
-    from kataru.config import read_config_file
-
     hf = read_config_file(folder)
     return hf, ModelConfig.from_hf(hf)

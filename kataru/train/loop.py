@@ -36,7 +36,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kataru.errors import KataruError
-from kataru.train.export import write_atomic
+from kataru.files import atomic_output, read_json, replace_dir_atomic, write_atomic
+
+TRAIN_HELP = {
+    "max_steps": "optimizer steps in all", "batch_size": "sequences per process per micro-step",
+    "grad_accum": "micro-steps per optimizer step", "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule ends at this fraction of lr", "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (matrices only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this", "eval_every": "validate every N steps",
+    "save_every": "checkpoint every N steps", "log_every": "log every N steps",
+    "keep": "checkpoints kept on disk", "seed": "seed of the sample order and initialisation",
+    "precision": "auto (bf16 autocast on a GPU that has it), fp32 or bf16",
+    "compile": "torch.compile the model", "device": "auto, cpu or cuda",
+    "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP",
+}
 
 
 @dataclass
@@ -188,6 +201,16 @@ class Trainer:
         return nullcontext
 
     # --- checkpoints -----------------------------------------------------------------------------
+    def finish(self) -> Path | None:
+        """Copy the last checkpoint's model files to out/final (no optimizer state), atomically; the main
+        process returns the folder."""
+        last = self.latest()
+        if not self.dist.main or last is None:
+            return None
+        ignore = shutil.ignore_patterns("optimizer.pt", "trainer_state.json")
+        return replace_dir_atomic(self.out / "final", lambda tmp: shutil.copytree(last, tmp, ignore=ignore,
+                                                                                   dirs_exist_ok=True))
+
     @property
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
@@ -219,15 +242,16 @@ class Trainer:
         if self.dist.main:
             assert self.plain is not None
             name = f"step-{self.step:06d}"
-            final, tmp = self.checkpoints / name, self.checkpoints / f".tmp-{name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.task.save(self.plain, tmp)
-            torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            plain = self.plain
             state = {"step": self.step, "history": self.history, "meta": self.meta, "config": asdict(self.cfg)}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, ensure_ascii=False) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+
+            def fill(tmp: Path) -> None:
+                self.task.save(plain, tmp)
+                torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                write_atomic(tmp / "trainer_state.json", json.dumps(state, ensure_ascii=False) + "\n")
+
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            replace_dir_atomic(self.checkpoints / name, fill)
             write_atomic(self.checkpoints / "latest", name + "\n")
             kept = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
             for old in kept[:-self.cfg.keep]:
@@ -241,7 +265,7 @@ class Trainer:
         folder = folder or self.latest()
         if folder is None:
             raise KataruError(f"--resume: no checkpoint in {self.checkpoints}; start without --resume")
-        state = json.loads((folder / "trainer_state.json").read_text())
+        state = read_json(folder / "trainer_state.json", "the checkpoint is damaged; resume from an earlier one")
         if state.get("meta", {}).get("model") != self.meta.get("model"):
             raise KataruError(f"checkpoint {folder} was trained with another model config; "
                               "resume with the same settings or start a new --out folder")
@@ -408,7 +432,6 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

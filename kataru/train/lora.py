@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kataru.errors import KataruError
+from kataru.files import read_json, write_atomic
 from kataru.model import Linear, Transformer
 
 TARGETS = ("wqkv", "wo", "w1", "w2")
@@ -75,8 +76,6 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, config: dict[str, Any], folder: Path) -> None:
     from safetensors.torch import save
 
-    from kataru.train.export import write_atomic
-
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / ADAPTER_WEIGHTS, save(adapter_state(model)))
     write_atomic(folder / ADAPTER_CONFIG, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
@@ -86,10 +85,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise KataruError(f"{folder} is not a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise KataruError(f"{path} is not valid JSON ({err})") from None
+    return read_json(path, "train the adapter again")
 
 
 def load_adapter(model: nn.Module, folder: Path) -> None:

@@ -14,11 +14,14 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import torch
+from tqdm import tqdm
 
 from kataru.errors import KataruError
+from kataru.files import read_jsonl, write_atomic
+from kataru.llm import LLM, load
+from kataru.scoring import score_choices
+from kataru.train.sft import to_messages
 
 
 def bigram_f1(answer: str, reference: str) -> float:
@@ -36,28 +39,14 @@ def similarity_score(answer: str, gold: float) -> float:
     return -5.0 if match is None else -abs(float(match.group()) - gold)
 
 
-@torch.no_grad()
-def _likeliest_wrong(llm: Any, prompt: list[dict[str, str]], choices: list[str], gold: str) -> str:
-    from kataru.train.dpo import answer_logps
-    from kataru.train.sft import encode_answer, pad_batch
-
-    ids = llm.encode_prompt(prompt)
+def likeliest_wrong(llm: LLM, prompt: list[dict[str, str]], choices: list[str], gold: str) -> str:
+    """The wrong choice the model itself finds most likely as the answer."""
     wrong = [c for c in choices if c != gold]
-    examples = []
-    for choice in wrong:
-        answer = encode_answer(llm.tokenizer, choice)[:-1]
-        examples.append((ids + answer, [-100] * len(ids) + answer))
-    logps = answer_logps(llm.model, pad_batch(examples, llm.tokenizer.pad_id or 0, torch.device("cpu")))
-    return wrong[int(logps.argmax())]
+    return wrong[int(score_choices(llm.model, llm.tokenizer, llm.encode_prompt(prompt), wrong).argmax())]
 
 
 def build_pairs(model: Path, sft_data: Path, out: Path, samples: int = 4, max_prompts: int = 500, seed: int = 0,
                 max_new_tokens: int = 64) -> dict[str, int]:
-    from tqdm import tqdm
-
-    from kataru.llm import load
-    from kataru.train.sft import read_jsonl, to_messages
-
     if samples < 2:
         raise KataruError("--samples must be at least 2 to have a best and a worst answer")
     llm = load(model)
@@ -79,7 +68,7 @@ def build_pairs(model: Path, sft_data: Path, out: Path, samples: int = 4, max_pr
     for i, row in enumerate(tqdm(rows, desc="scoring", unit="prompt")):
         source = row.get("source", "text")
         if "choices" in row:
-            chosen, rejected = references[i], _likeliest_wrong(llm, prompts[i], row["choices"], references[i])
+            chosen, rejected = references[i], likeliest_wrong(llm, prompts[i], row["choices"], references[i])
         else:
             if "score" in row:
                 scored = sorted(answers[i], key=lambda a, g=row["score"]: similarity_score(a, g))
@@ -96,7 +85,5 @@ def build_pairs(model: Path, sft_data: Path, out: Path, samples: int = 4, max_pr
     if not pairs:
         raise KataruError("no preference pair could be built (every prompt's answers scored the same)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     return dict(counts)

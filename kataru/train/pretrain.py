@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kataru.config import ModelConfig
+from kataru.data.corpus import load_tokens
 from kataru.errors import KataruError
+from kataru.files import read_json
 from kataru.model import Transformer
-from kataru.train.data import load_tokens
-from kataru.train.export import read_hf_config, save_hf
-
-# generation_config.json of models kataru trains: the llm-jp card's sampling, since they use its prompt style.
-GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.05, "max_new_tokens": 100}
+from kataru.train.weights import FullWeights
 
 
 def init_weights(model: Transformer, std: float = 0.02) -> None:
@@ -40,45 +37,13 @@ def new_model(hf_config: dict[str, Any], seed: int) -> Transformer:
     return model
 
 
-def load_trainable(folder: Path) -> tuple[dict[str, Any], Transformer]:
-    """A Hugging Face folder as a float32 kataru model with gradients enabled."""
-    from kataru.checkpoint import load_weights
-
-    hf, config = read_hf_config(folder)
-    model = load_weights(folder, config, torch.float32, "cpu", progress=False)
-    model.rotary = type(model.rotary)(config)
-    return hf, model.requires_grad_(True)
-
-
-class FullWeights:
-    """Saving and loading the whole model as a Hugging Face folder (the checkpoint *is* an export)."""
-
-    def __init__(self, hf_config: dict[str, Any], tokenizer: Path) -> None:
-        self.hf_config, self.tokenizer = hf_config, tokenizer
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        save_hf(model, self.hf_config, folder, self.tokenizer, GENERATION)  # type: ignore[arg-type]
-
-    def load(self, model: nn.Module, folder: Path) -> None:
-        from kataru.checkpoint import load_weights
-
-        hf, config = read_hf_config(folder)
-        if hf != self.hf_config:
-            raise KataruError(f"checkpoint {folder} was trained with another model config; "
-                              "resume with the same settings or start a new --out folder")
-        saved = load_weights(folder, config, torch.float32, "cpu", progress=False)
-        with torch.no_grad():
-            for target, source in zip(model.parameters(), saved.parameters(), strict=True):
-                target.copy_(source)
-
-
 class PretrainTask(FullWeights):
     """Windows of seq_len+1 tokens cut from the packed training stream; loss on every next token."""
 
     def __init__(self, data: Path, seq_len: int, hf_config: dict[str, Any], tokenizer: Path,
                  eval_windows: int = 64) -> None:
         super().__init__(hf_config, tokenizer)
-        meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").is_file() else {}
+        meta = read_json(data / "meta.json", "prepare the data again with `kataru data tokenize`", default={})
         self.train, self.val = load_tokens(data, "train"), load_tokens(data, "val")
         if meta.get("vocab_size", 0) > hf_config["vocab_size"]:
             raise KataruError(f"{data} was tokenized with {meta['vocab_size']} tokens but the model has "

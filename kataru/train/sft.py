@@ -7,7 +7,6 @@ produces when it continues the prompt.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +16,8 @@ from torch import Tensor, nn
 
 from kataru.errors import KataruError
 from kataru.prompts import PromptStyle
+from kataru.scoring import IGNORE, encode_answer, pad_batch
 from kataru.tokenizer import Tokenizer
-from kataru.train.data import open_text
-
-IGNORE = -100
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise KataruError(f"data file {path} does not exist")
-    rows = []
-    try:
-        with open_text(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise KataruError(f"{path}:{number} is not valid JSON ({err.msg}); "
-                                          "one object per line") from None
-                    if not isinstance(row, dict):
-                        raise KataruError(f"{path}:{number} is not a JSON object")
-                    rows.append(row | {"_where": f"{path}:{number}"})
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise KataruError(f"cannot read {path} ({err}); the file is truncated or not UTF-8 JSONL") from None
-    if not rows:
-        raise KataruError(f"{path} holds no examples; the dataset is empty")
-    return rows
 
 
 def to_messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
@@ -62,8 +36,10 @@ def to_messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
     raise KataruError(f"{where}: needs `messages` or `instruction` and `output` fields")
 
 
-def encode_prompt(style: PromptStyle, tokenizer: Tokenizer, messages: list[dict[str, str]],
-                  inputs: str | None = None) -> list[int]:
+def encode_conversation(style: PromptStyle, tokenizer: Tokenizer, messages: list[dict[str, str]],
+                        inputs: str | None = None) -> list[int]:
+    """The prompt tokens of a training conversation. Unlike `LLM.encode_prompt`, which refuses an 入力 outside
+    the alpaca-ja style, a training row's input joins its instruction in the styles without the field."""
     if inputs and style.name != "alpaca-ja":  # only the alpaca prompt has an 入力 field; others get it inline
         messages = [*messages[:-1], {**messages[-1], "content": f"{messages[-1]['content']}\n\n{inputs}"}]
         inputs = None
@@ -71,34 +47,17 @@ def encode_prompt(style: PromptStyle, tokenizer: Tokenizer, messages: list[dict[
     return tokenizer.encode(text, add_special_tokens=style.add_special_tokens)
 
 
-def encode_answer(tokenizer: Tokenizer, answer: str) -> list[int]:
-    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    return tokenizer.encode(answer) + eos
-
-
 def encode_example(row: dict[str, Any], style: PromptStyle, tokenizer: Tokenizer,
                    max_len: int) -> tuple[list[int], list[int]] | None:
     """(token ids, labels with the prompt masked), or None when the prompt alone fills max_len."""
     messages, inputs = to_messages(row)
-    prompt = encode_prompt(style, tokenizer, messages[:-1], inputs)
+    prompt = encode_conversation(style, tokenizer, messages[:-1], inputs)
     answer = encode_answer(tokenizer, messages[-1]["content"])
     if len(prompt) >= max_len:
         return None
     ids = (prompt + answer)[:max_len + 1]
     labels = ([IGNORE] * len(prompt) + answer)[:max_len + 1]
     return ids, labels
-
-
-def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
-    """Right-padded inputs/targets; padded and prompt positions carry IGNORE."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, (ids, labels) in enumerate(examples):
-        n = len(ids) - 1
-        inputs[row, :n] = torch.tensor(ids[:-1])
-        targets[row, :n] = torch.tensor(labels[1:])
-    return {"inputs": inputs.to(device), "targets": targets.to(device), "tokens": (targets != IGNORE).sum()}
 
 
 class SFTTask:
@@ -138,24 +97,3 @@ class SFTTask:
 
     def load(self, model: nn.Module, folder: Path) -> None:
         self.weights.load(model, folder)
-
-
-class AdapterWeights:
-    """Checkpoints of a LoRA run hold only the adapter (and its config, naming the base)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        from kataru.train.lora import save_adapter
-
-        save_adapter(model, self.config, folder)
-
-    def load(self, model: nn.Module, folder: Path) -> None:
-        from kataru.train.lora import load_adapter, read_adapter_config
-
-        saved = read_adapter_config(folder)
-        keys = ("r", "alpha", "targets")
-        if {k: saved.get(k) for k in keys} != {k: self.config[k] for k in keys}:
-            raise KataruError(f"adapter in {folder} has another LoRA config; resume with the same --lora-* flags")
-        load_adapter(model, folder)

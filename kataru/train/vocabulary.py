@@ -13,9 +13,9 @@ import random
 import tempfile
 from pathlib import Path
 
+from kataru.data.corpus import read_documents
 from kataru.errors import KataruError
 from kataru.prompts import LLM_JP_TEMPLATE
-from kataru.train.data import read_documents
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 

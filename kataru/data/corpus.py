@@ -11,7 +11,6 @@ parallel into flat token files that training reads through `numpy.memmap`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import html
 import json
@@ -19,6 +18,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from multiprocessing import Pool
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kataru.errors import KataruError
+from kataru.files import atomic_output, check_input, iter_jsonl, read_json, write_json
 
 LEGEND = "【テキスト中に現れる記号について】"
 # The colophon ends with the 青空文庫 credit line and opens, within a few thousand characters before it, with
@@ -37,7 +38,7 @@ COLOPHON_OPENING = re.compile(
     r"^[ \t　]*(?:(?:翻訳の)?(?:底本|定本|原作)(?:・初出|の親本)?[：:「]|入力者注|［＃本文終わり］)", re.MULTILINE)
 COLOPHON = re.compile(r"^[ \t　]*(?:翻訳の)?底本[：:]", re.MULTILINE)  # without a credit line: strictly 底本：
 DASHES = re.compile(r"^-{20,}\s*$", re.MULTILINE)
-RECIPE_VAL_FRACTION = 0.02  # the held-out share of scripts/train-kataru-tiny-ja.sh (and bench --quality)
+RECIPE_VAL_FRACTION = 0.02  # the held-out share of recipes/train-kataru-tiny-ja.sh (and eval perplexity)
 
 
 @dataclass
@@ -46,38 +47,22 @@ class Document:
     text: str
 
 
-def open_text(path: Path):  # type: ignore[no-untyped-def]
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
 def read_documents(paths: Iterable[str | Path], field: str = "text") -> Iterator[Document]:
     """Documents from .jsonl(.gz) files (one JSON object per line, text in `field`) or plain text files."""
     for path in map(Path, paths):
-        if not path.is_file():
-            raise KataruError(f"data file {path} does not exist; pass .jsonl, .jsonl.gz or .txt files")
+        check_input(path, fix="pass .jsonl, .jsonl.gz or .txt files")
         if ".jsonl" not in path.name and ".json" not in path.name:
             try:
                 yield Document(str(path), path.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise KataruError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f SHIFT_JIS)") from None
             continue
-        try:
-            with open_text(path) as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise KataruError(f"{path}:{number} is not valid JSON ({err.msg}); "
-                                          "one object per line") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                        raise KataruError(f"{path}:{number} has no string field {field!r}; "
-                                          f"choose the field with --field")
-                    doc_id = str(row.get("id") or row.get("path") or f"{path.name}:{number}")
-                    yield Document(doc_id, row[field])
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise KataruError(f"cannot read {path} ({err}); the file is truncated or not UTF-8 JSONL") from None
+        for number, row in iter_jsonl(path):
+            if not isinstance(row.get(field), str):
+                raise KataruError(f"{path}:{number} has no string field {field!r}; choose the field that holds "
+                                  "the text (--field)")
+            doc_id = str(row.get("id") or row.get("path") or f"{path.name}:{number}")
+            yield Document(doc_id, row[field])
 
 
 class _HtmlText(HTMLParser):
@@ -141,7 +126,8 @@ def clean_aozora(text: str) -> str:
     try:
         import aozora
     except ImportError:
-        raise KataruError("cleaning Aozora Bunko text needs the aozora parser: pip install 'kataru[train]'") from None
+        raise KataruError("cleaning Aozora Bunko text needs the aozora parser: pip install -e '.[train]' in the "
+                          "kataru checkout") from None
     text = normalize_newlines(text)
     colophon = colophon_start(text)
     if colophon is not None:
@@ -195,9 +181,8 @@ def clean_corpus(paths: list[str], out: Path, val_fraction: float = 0.01, min_ch
         raise KataruError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out.mkdir(parents=True, exist_ok=True)
     stats, seen = CleanStats(), set()
-    tmp = {split: out / f"{split}.jsonl.tmp" for split in ("train", "val")}
-    files = {split: path.open("w", encoding="utf-8") for split, path in tmp.items()}
-    try:
+    with ExitStack() as stack:
+        files = {split: stack.enter_context(atomic_output(out / f"{split}.jsonl")) for split in ("train", "val")}
         for doc in tqdm(read_documents(paths, field), desc="clean", unit="doc", disable=None if progress else True):
             stats.documents += 1
             text = normalize_newlines(doc.text)
@@ -215,15 +200,10 @@ def clean_corpus(paths: list[str], out: Path, val_fraction: float = 0.01, min_ch
             files[split].write(json.dumps({"id": doc.id, "text": text}, ensure_ascii=False) + "\n")
             setattr(stats, split, getattr(stats, split) + 1)
             setattr(stats, f"{split}_chars", getattr(stats, f"{split}_chars") + len(text))
-    finally:
-        for f in files.values():
-            f.close()
-    if stats.train == 0:
-        raise KataruError(f"no training documents left out of {stats.documents} "
-                          f"({stats.too_short} shorter than {min_chars} characters, {stats.duplicates} duplicates)")
-    for split, path in tmp.items():
-        os.replace(path, out / f"{split}.jsonl")
-    (out / "stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
+        if stats.train == 0:  # raised inside the block: neither split is written
+            raise KataruError(f"no training documents left out of {stats.documents} ({stats.too_short} shorter "
+                              f"than {min_chars} characters, {stats.duplicates} duplicates)")
+    write_json(out / "stats.json", vars(stats))
     return stats
 
 
@@ -269,19 +249,18 @@ def tokenize_corpus(folder: Path, tokenizer_folder: Path, out: Path, workers: in
             if not source.is_file():
                 raise KataruError(f"{source} is missing; run `kataru data clean` first")
             texts = (doc.text for doc in read_documents([source], field))
-            target, count, docs = out / f"{split}.bin.tmp", 0, 0
-            with target.open("wb") as f, tqdm(desc=f"tokenize {split}", unit="tok", unit_scale=True,
-                                              disable=None if progress else True) as bar:
+            count, docs = 0, 0
+            with atomic_output(out / f"{split}.bin", "wb") as f, tqdm(
+                    desc=f"tokenize {split}", unit="tok", unit_scale=True, disable=None if progress else True) as bar:
                 for ids in pool.imap(_encode, texts, chunksize=4):
                     np.asarray([*ids, eos], dtype=dtype).tofile(f)
                     count += len(ids) + 1
                     docs += 1
                     bar.update(len(ids) + 1)
-            os.replace(target, out / f"{split}.bin")
             meta["splits"][split] = {"tokens": count, "documents": docs}
     if meta["splits"]["train"]["tokens"] == 0:
         raise KataruError(f"{folder}/train.jsonl holds no documents; the dataset is empty")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "meta.json", meta)
     return meta
 
 
@@ -290,10 +269,10 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise KataruError(f"{folder} has no meta.json; prepare it with `kataru data tokenize`")
+    meta = read_json(meta_path, "prepare the data again with `kataru data tokenize`")
     try:
-        meta = json.loads(meta_path.read_text())
         dtype, tokens = np.dtype(meta["dtype"]), int(meta["splits"][split]["tokens"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise KataruError(f"{meta_path} is malformed ({err}); prepare the data again") from None
     path = folder / f"{split}.bin"
     if not path.is_file() or path.stat().st_size != tokens * dtype.itemsize:

@@ -1,4 +1,4 @@
-"""Instruction data derived from the real corpora, as llm-jp's jaster derives it from JGLUE.
+"""Instruction data derived from the real corpora, as llm-jp's jaster derives it from JGLUE (`kataru data sft`).
 
 - JCommonsenseQA train: the question with its five choices -> the correct choice (the same wording
   `kataru eval jcommonsenseqa` uses on the validation split, which is never trained on).
@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kataru.data.corpus import read_documents
+from kataru.data.jglue import question_text, read_pairs, read_questions
 from kataru.errors import KataruError
-from kataru.eval.jcommonsenseqa import question_text, read_questions
-from kataru.train.data import read_documents
+from kataru.files import atomic_output
 
 SENTENCE = re.compile(r"[^。！？\n]*[。！？]")
 
@@ -36,14 +37,11 @@ def from_jcommonsenseqa(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def from_jsts(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                user = ("次の2つの文の意味がどのくらい似ているかを、"
-                        "0（無関係）から5（同じ意味）の数値で答えてください。\n"
-                        f"文1：{row['sentence1']}\n文2：{row['sentence2']}")
-                yield _chat(user, f"{float(row['label']):.1f}", "jsts") | {"score": float(row["label"])}
+    for row in read_pairs(path):
+        user = ("次の2つの文の意味がどのくらい似ているかを、"
+                "0（無関係）から5（同じ意味）の数値で答えてください。\n"
+                f"文1：{row['sentence1']}\n文2：{row['sentence2']}")
+        yield _chat(user, f"{float(row['label']):.1f}", "jsts") | {"score": float(row["label"])}
 
 
 def _sentences(text: str, limit: int) -> str:
@@ -97,11 +95,9 @@ def derive_sft(out: Path, jglue: Path | None, aozora: Path | None, seed: int = 0
     rng.shuffle(rows)
     rows = rows[:max_examples]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_output(out) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["source"]] = counts.get(row["source"], 0) + 1

@@ -1,0 +1,128 @@
+"""Arguments several commands share, and the one place they become library calls."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+DTYPE_HELP = "auto (as the checkpoint was saved), float32, bfloat16 or float16"
+
+
+def add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """The model folder first (the embedded kataru-tiny-ja when omitted), then how to load it."""
+    if required:
+        p.add_argument("model", help="local Hugging Face checkpoint folder")
+    else:
+        p.add_argument("model", nargs="?", help="local Hugging Face checkpoint folder (default: the embedded "
+                                                "kataru-tiny-ja)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first step; eager fallback if unavailable)")
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-style", help="llm-jp, alpaca-ja, rinna or raw (default: from the checkpoint)")
+    p.add_argument("--system", help="replace the card's system message")
+    p.add_argument("--max-new-tokens", type=int, help="at most this many new tokens (default: the card's)")
+    p.add_argument("--temperature", type=float, help="0 means greedy (default: the card's)")
+    p.add_argument("--top-k", type=int, help="0 turns it off (default: the card's, else 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: the card's, else 1)")
+    p.add_argument("--repetition-penalty", type=float, help="CTRL rule, 1 turns it off (default: the card's)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating to --max-new-tokens")
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+            "stop": args.stop, "ignore_eos": args.ignore_eos or None}
+
+
+def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kataru.llm import DEFAULT_MODEL, load
+
+    return load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
+                prompt_style=getattr(args, "prompt_style", None), quantize=args.quantize,
+                compile=getattr(args, "compile", False))
+
+
+def add_train_config(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """TrainConfig's fields as flags, with their help and (shown in --help) defaults."""
+    from kataru.train.loop import TRAIN_HELP, TrainConfig
+
+    base = {f.name: f.default for f in fields(TrainConfig)}
+    base.update(defaults)
+    group = p.add_argument_group("training")
+    for name, default in base.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action="store_true", default=default, help=TRAIN_HELP[name])
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=TRAIN_HELP[name])
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, loss.png, final/")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only (merge with `kataru merge-lora`)")
+    p.add_argument("--lora-r", type=int, default=8, help="adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (scale = alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    p.add_argument("--lora-targets", default="wqkv,wo,w1,w2", help="projections to adapt, comma-separated")
+
+
+def train(args: argparse.Namespace, model: Any, task: Any, meta: dict[str, Any]) -> None:
+    """Run the one training loop on a task and copy the last checkpoint's model to out/final."""
+    from pathlib import Path
+
+    from kataru.errors import KataruError
+    from kataru.train.loop import TrainConfig, Trainer
+
+    out = Path(args.out)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    trainer = Trainer(model, task, config, out, meta, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    elif trainer.latest() is not None:
+        raise KataruError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
+    trainer.run()
+    final = trainer.finish()
+    if final is not None:
+        print(final)
+
+
+def policy(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """(hf config, trainable model, weights saver) for fine-tuning args.model, full or LoRA."""
+    from pathlib import Path
+
+    from kataru.errors import KataruError
+    from kataru.train.weights import AdapterWeights, FullWeights, load_trainable
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise KataruError(f"model folder {folder} does not exist")
+    hf, model = load_trainable(folder)
+    if args.seq_len > hf.get("max_position_embeddings", args.seq_len):
+        raise KataruError(f"--seq-len {args.seq_len} exceeds the model context {hf['max_position_embeddings']}")
+    if args.lora:
+        from kataru.train.lora import apply_lora
+
+        targets = tuple(t for t in args.lora_targets.split(",") if t)
+        config = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, targets)
+        config["base_model"] = str(folder.resolve())
+        return hf, model, AdapterWeights(config)
+    return hf, model, FullWeights(hf, folder)
+
+
+def style_and_tokenizer(folder: Any) -> tuple[Any, Any]:
+    """The prompt style and tokenizer a checkpoint generates with (training renders rows the same way)."""
+    from kataru.llm import prompt_style_of
+    from kataru.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(folder)
+    return prompt_style_of(folder, tokenizer), tokenizer

@@ -1,0 +1,307 @@
+"""The engine: requests in, tokens and text out, with continuous batching over a KV cache it owns.
+
+A step is `schedule -> run -> update`, as vLLM's EngineCore.step: the scheduler (pure bookkeeping) says
+which prompt chunks to prefill and which requests to decode, the runner carries that out on the model,
+and the outputs sample each request's token, extend its text and decide whether it is finished. A new
+request joins the running batch at the next step; a finished or cancelled one frees its row at once.
+Greedy results equal running each request alone, in any batch, chunked or after a reused prefix.
+
+Many callers at once is the normal case. `submit` and `cancel` never wait for a step: they leave the
+request (or the cancel) in an inbox the next step takes in. Steps run one at a time under a lock, on
+whichever thread asks for progress: `wait` and `follow` (threads, interleaved generators) step until
+their request has what they wait for, serving every other request on the way, and `async for token in
+engine.stream(request)` steps on one worker thread so that an event loop stays free while a step
+computes. A cancel asked for during a step takes effect when it ends.
+
+Bad input never reaches a step: prompts are checked (token ids in the vocabulary, length within the
+context) and sampling parameters validated when submitted. A request whose logits turn NaN or infinite
+ends alone with an error; an error inside the model ends the requests of that forward, each with one
+line saying why, and every other request goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kataru.engine import outputs
+from kataru.engine.runner import Runner, reason
+from kataru.engine.scheduler import Request, Resize, Scheduler
+from kataru.errors import KataruError
+from kataru.model import Transformer
+from kataru.sampling import SamplingParams
+from kataru.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 128  # as fast as whole prompts on the CPU (bf16, int8) and reuse every 128 tokens
+
+
+@dataclass
+class Step:
+    """One new token of a request; `finish_reason` is set on its last step."""
+
+    request_id: int
+    token_id: int
+    finish_reason: str | None = None
+
+
+def check_prompt(prompt: list[int], vocab: int, context: int) -> None:
+    if not prompt:
+        raise KataruError("the prompt is empty; give some text (or use the raw prompt style with special tokens)")
+    if len(prompt) >= context:
+        raise KataruError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {context} "
+                          "(the prompt and at least one new token must fit); shorten the prompt")
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise KataruError(f"token id {token!r} is outside the vocabulary (0..{vocab - 1})")
+
+
+class Engine:
+    def __init__(self, model: Transformer, eos_ids: set[int], max_batch: int = 8,
+                 max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
+                 prefix_reuse: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 tokenizer: Tokenizer | None = None, postprocess: Callable[[str], str] = str,
+                 grow: bool = False, idle_cache_tokens: int | None = None) -> None:
+        """max_batch rows of row_len slots (default: the model's context); a request must fit in one row.
+
+        max_cache_tokens: the budget of reserved tokens (default max_batch * row_len).
+        prefill_chunk: prompt tokens per forward and per step at most (None: whole prompts, no reuse).
+        tokenizer: keep each request's text as it streams and honour stop strings (postprocess: the prompt
+            style's mapping of generated text, rinna's `<NL>`).
+        grow: start with an empty cache and grow it as requests need (else allocate it all now);
+            idle_cache_tokens: with grow, shrink to at most this many cache tokens when nothing runs.
+        """
+        self.model = model
+        self.eos_ids = set(eos_ids)
+        self.context = model.config.max_seq_len
+        row_len = min(row_len or self.context, self.context)
+        budget = max_cache_tokens or max_batch * row_len
+        self.scheduler = Scheduler(self.context, max_batch, row_len, budget, prefill_chunk, prefix_reuse, grow,
+                                   idle_cache_tokens)
+        self.runner = Runner(model, compile)
+        if not grow:
+            self._resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
+        self.tokenizer, self.postprocess = tokenizer, postprocess
+        self.ids = itertools.count(1)
+        self._lock = threading.Lock()  # held by a step
+        self._inbox_lock = threading.Lock()  # held only to add or take requests and cancels
+        self._inbox: list[Request] = []
+        self._cancels: list[Request] = []
+        self._worker: ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # --- requests ------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a request (any thread); it starts at the next step. Refuses, in one line, a prompt or
+        parameters that could not run."""
+        check_prompt(prompt, self.model.config.vocab_size, self.context)
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise KataruError("stop strings need text: build the engine with a tokenizer")
+        request = Request(list(prompt), params, id=next(self.ids))
+        request.reserved = self.scheduler.reservation(len(prompt), params.max_new_tokens)
+        with self._inbox_lock:
+            self._inbox.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """End a request now, or, while a step runs on another thread, as soon as that step ends (the step may
+        be using its row, and the caller, an event loop, must not wait for it)."""
+        if request.done:
+            return
+        with self._inbox_lock:
+            self._cancels.append(request)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_cancels()
+            finally:
+                self._lock.release()
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    def stats(self) -> dict[str, Any]:
+        s, cache = self.scheduler, self.runner.cache
+        return {"running": len(s.running), "prefilling": len(s.prefilling),
+                "waiting": len(s.waiting) + len(self._inbox), "cache_rows": s.rows, "cache_slots": s.slots,
+                "cache_bytes": cache.nbytes if cache else 0, "reserved_tokens": s.reserved,
+                "budget_tokens": s.budget, "reused_tokens": s.reused_tokens}
+
+    # --- the step --------------------------------------------------------------------------------------
+    def step(self) -> list[Step]:
+        """Admit what fits, prefill up to `prefill_chunk` prompt tokens, then one decode step for every
+        request that was running before (a request whose prompt completes here gets its first token from
+        its prefill)."""
+        with self._lock:
+            return self._step()
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.has_work():
+            self.step()
+
+    def _step(self) -> list[Step]:
+        try:
+            self._take_inbox()
+            self._apply_cancels()
+            events = self._run(self.scheduler.schedule())
+            self._apply_cancels()  # those asked for while the step ran
+            if not self.has_work():
+                resize = self.scheduler.idle_resize()
+                if resize is not None:
+                    self._resize(resize)
+            return events
+        except Exception as err:  # outside any one request (a failed resize): end them all, clearly
+            for request in [*self._take_all()]:
+                self._fail(request, err)
+            return []
+
+    def _run(self, plan: Any) -> list[Step]:
+        if plan.resize is not None:
+            self._resize(plan.resize)
+        events: list[Step] = []
+        vocab, device = self.model.config.vocab_size, self.runner.device
+        for chunk in plan.prefill:
+            request = chunk.request
+            if request.sampling is None:
+                outputs.start(request, vocab, device, self.tokenizer, self.postprocess)
+            try:
+                logits = self.runner.prefill(chunk)
+            except Exception as err:
+                self._fail(request, err)
+                continue
+            if self.scheduler.prefilled(chunk):
+                events.append(self._accept(request, logits, bool(torch.isfinite(logits).all())))
+        batch = [r for r in plan.decode if not r.done]
+        if batch:
+            try:
+                logits = self.runner.decode(batch)
+            except Exception as err:
+                for request in batch:
+                    self._fail(request, err)
+                return events
+            finite = torch.isfinite(logits).all(-1).tolist()
+            events += [self._accept(r, logits[i], finite[i]) for i, r in enumerate(batch)]
+        return events
+
+    def _accept(self, request: Request, logits: torch.Tensor, finite: bool) -> Step:
+        if not finite:
+            self._fail(request, "the model's logits for this request are NaN or infinite (overflow in the "
+                                "weights' dtype?); try float32 or bfloat16", prefix=False)
+            return Step(request.id, -1, "error")
+        try:
+            finish = outputs.accept(request, logits, self.eos_ids, self.context)
+        except Exception as err:
+            self._fail(request, err)
+            return Step(request.id, -1, "error")
+        if finish is not None:
+            self._finish(request, finish)
+        elif request.wake is not None:
+            request.wake()
+        return Step(request.id, request.tokens[-1], finish)
+
+    def _resize(self, resize: Resize) -> None:
+        self.runner.resize(resize)
+        self.scheduler.applied(resize)
+
+    def _finish(self, request: Request, finish: str) -> None:
+        self.scheduler.finish(request, finish)
+        if request.wake is not None:
+            request.wake()
+
+    def _fail(self, request: Request, err: BaseException | str, prefix: bool = True) -> None:
+        text = err if isinstance(err, str) else reason(err)
+        request.error = f"the engine failed ({text})" if prefix else text
+        self._finish(request, "error")
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            new, self._inbox = self._inbox, []
+        for request in new:
+            self.scheduler.waiting.append(request)
+
+    def _take_all(self) -> list[Request]:
+        self._take_inbox()
+        s = self.scheduler
+        return [*s.waiting, *s.prefilling, *s.running]
+
+    def _apply_cancels(self) -> None:
+        with self._inbox_lock:
+            cancels, self._cancels = self._cancels, []
+            for request in cancels:
+                if request in self._inbox:
+                    self._inbox.remove(request)
+        for request in cancels:
+            if not request.done:
+                self._finish(request, "cancelled")
+
+    # --- waiting for results ---------------------------------------------------------------------------
+    def _drive(self, ready: Callable[[], bool]) -> None:
+        """Step, or wait for the step another thread runs, until `ready()` holds."""
+        while not ready():
+            with self._lock:
+                if ready() or not self.has_work():
+                    return
+                self._step()
+
+    def wait(self, request: Request) -> Request:
+        """Step until the request is done (from any thread; other requests progress on the way)."""
+        self._drive(lambda: request.done)
+        return request
+
+    def follow(self, request: Request) -> Iterator[Request]:
+        """The request each time it has new tokens, until it is done; cancelled if the consumer stops."""
+        seen = 0
+
+        def ready() -> bool:
+            return request.done or len(request.tokens) > seen
+
+        try:
+            while True:
+                self._drive(ready)
+                seen = len(request.tokens)
+                yield request
+                if request.done:
+                    return
+        finally:
+            if not request.done:
+                self.cancel(request)
+
+    async def stream(self, request: Request) -> AsyncIterator[int]:
+        """Token ids of one request as they come. Steps run on a worker thread, so the event loop (a
+        server's) stays free while a step computes; `request.wake` tells this loop that there is more."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        request.wake = lambda: loop.call_soon_threadsafe(ready.set)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._background())
+        sent = 0
+        try:
+            while True:
+                ready.clear()
+                while sent < len(request.tokens):
+                    yield request.tokens[sent]
+                    sent += 1
+                if request.done and sent == len(request.tokens):  # a request is done after its last token
+                    break
+                if sent == len(request.tokens):
+                    await ready.wait()
+        finally:
+            request.wake = None
+            if not request.done:  # the consumer went away: free the row
+                self.cancel(request)
+        if request.finish_reason == "error":
+            raise KataruError(request.error or "the engine failed")
+
+    async def _background(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kataru-engine")
+        while self.has_work():
+            await loop.run_in_executor(self._worker, self.step)

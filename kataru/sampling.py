@@ -1,0 +1,140 @@
+"""Sampling with transformers' semantics: what a card's `generate(...)` arguments mean, checked once.
+
+Logits go through the same steps, in the same order, as `model.generate`: repetition penalty (CTRL rule
+over prompt and output), temperature, top-k, top-p; then the most likely token (greedy) or a draw from
+the request's own generator, so that a draw never depends on the batch it ran in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kataru.errors import KataruError
+
+# Below this a temperature divides float32 logits past their range (inf, then NaN probabilities).
+MIN_TEMPERATURE = 1e-4
+PENALTY_RANGE = (1e-3, 1e3)  # a penalty outside it turns logits of a few hundred into inf or zero
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplingParams:
+    """What a card's `generate(...)` call says; temperature 0 (or do_sample False) means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 50  # transformers' default when sampling; 0 turns it off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def validate(self) -> SamplingParams:
+        """Refuse, in one line, any value that would fail or turn to NaN inside a step."""
+        def number(value: Any, integral: bool = False) -> bool:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            return isinstance(value, int) if integral else math.isfinite(value)
+
+        low, high = PENALTY_RANGE
+        checks = [
+            (number(self.max_new_tokens, True) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}"),
+            (number(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+             f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature!r}"),
+            (number(self.top_k, True) and self.top_k >= 0,
+             f"top_k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}"),
+            (number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (number(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+             f"repetition_penalty must be in [{low}, {high}] (1 turns it off), got {self.repetition_penalty!r}"),
+            (self.seed is None or (number(self.seed, True) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be a whole number in [0, 2**63 - 1], got {self.seed!r}"),
+            (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+             "stop strings must be non-empty strings"),
+            (isinstance(self.do_sample, bool) and isinstance(self.ignore_eos, bool),
+             "do_sample and ignore_eos must be true or false"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KataruError(f"invalid sampling parameter: {message}")
+        return self
+
+    def updated(self, **overrides: Any) -> SamplingParams:
+        """These parameters with the given ones replaced (None keeps the current value), validated."""
+        unknown = set(overrides) - set(self.__dataclass_fields__)
+        if unknown:
+            raise KataruError(f"unknown sampling parameter(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(self.__dataclass_fields__)}")
+        if isinstance(overrides.get("stop"), str):
+            overrides["stop"] = [overrides["stop"]]
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL rule: a seen token's logit is divided by the penalty if positive, multiplied if not."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: Tensor, top_k: int) -> Tensor:
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set whose probability reaches top_p (transformers' ascending-sort rule)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), -math.inf)
+
+
+def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
+    """Logits [V] (float32) after every step of transformers' processor list."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    return apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
+
+
+def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    logits = process_logits(logits.float(), seen, params)
+    if params.greedy:
+        return int(logits.argmax())
+    probs = logits.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def seen_tokens(ids: list[int], vocab: int, device: torch.device) -> Tensor:
+    """[vocab] bool: the tokens the repetition penalty applies to (those of the prompt, to start with)."""
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+    seen[torch.tensor([i for i in ids if i < vocab], dtype=torch.long, device=device)] = True
+    return seen
+
+
+def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A request's own RNG (seeded when asked), so sampling never depends on its batch neighbours."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return generator
