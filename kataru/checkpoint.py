@@ -25,6 +25,7 @@ from torch import Tensor
 
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
+from kataru.files import read_json
 from kataru.model import Transformer
 
 SAFETENSORS_DTYPES = {
@@ -243,10 +244,10 @@ class WeightFiles:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.folder / index_name
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                    raise KataruError(f"{index} is not a valid index file; restore it from the checkpoint") from None
+                weight_map = read_json(index, "restore it from the checkpoint").get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise KataruError(f"{index} is not a valid index file (no weight_map of file names); restore it "
+                                      "from the checkpoint")
                 shards = sorted(set(weight_map.values()))
                 missing = [s for s in shards if not (self.folder / s).is_file()]
                 if missing:

@@ -6,13 +6,13 @@ weight layout the checkpoint uses; `checkpoint.py` converts that layout to katar
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kataru.errors import KataruError
+from kataru.files import read_json
 
 Family = Literal["llama", "mistral", "stablelm", "gpt_neox", "japanese_stablelm_alpha"]
 
@@ -118,10 +118,7 @@ def read_config_file(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise KataruError(f"no config.json in {folder}; a model folder is a Hugging Face checkpoint folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KataruError(f"{path} is not valid JSON ({err}); restore the file from the checkpoint") from None
+    return read_json(path, "restore the file from the checkpoint")
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,24 @@ class Linear(nn.Linear):
 
 
 _upcast_scratch = threading.local()
-UPCAST_TILE = 1 << 20  # weight elements converted per GEMM call: 4 MB of float32, which stays in cache
+_upcast = {"tile": 1 << 20}  # weight elements converted per GEMM call: 4 MB of float32, which stays in cache
+
+
+@contextmanager
+def upcast_tile(elements: int) -> Iterator[None]:
+    """Convert `elements` weight elements per GEMM call in `upcast_matmul` inside the block (a huge number:
+    whole weights), for experiments that compare tile sizes."""
+    saved = _upcast["tile"]
+    _upcast["tile"] = elements
+    try:
+        yield
+    finally:
+        _upcast["tile"] = saved
+
+
+def upcast_buffer() -> Tensor | None:
+    """This thread's buffer of converted weight rows (None before its first bf16 prefill)."""
+    return getattr(_upcast_scratch, "buffer", None)
 
 
 def upcast_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -65,12 +82,12 @@ def upcast_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     Converting the whole weight first writes and reads back twice its 16-bit bytes in float32 through memory;
     a tile converted into a small buffer each thread keeps is still in cache when its GEMM reads it. On the
     llm-jp-3.1-1.8b shape a prefill is 1.36x faster at 64 tokens, 1.16x at 128 and even at 512
-    (`scripts/bench_switch.py upcast`). Where autograd needs the matmul, the whole weight is converted.
+    (`bench/ab_switch.py upcast`). Where autograd needs the matmul, the whole weight is converted.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     n, k = weight.shape
-    rows = min(n, max(8, UPCAST_TILE // k))
+    rows = min(n, max(8, _upcast["tile"] // k))
     flat = x.reshape(-1, k).float().t()  # [k, tokens]: each tile's GEMM writes whole rows of out_t
     out_t = torch.empty(n, flat.shape[1], dtype=torch.float32, device=x.device)
     buffer = getattr(_upcast_scratch, "buffer", None)

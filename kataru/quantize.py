@@ -14,8 +14,6 @@ and norms are not quantized.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from kataru import kernels
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
+from kataru.files import atomic_output, read_json, write_json
 from kataru.model import Linear, Transformer
 from kataru.runtime import DTYPES, resolve_dtype
 
@@ -235,10 +234,7 @@ def read_quantization(folder: Path) -> dict | None:
     path = folder / QUANT_FILE
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KataruError(f"{path} is not valid JSON ({err}); quantize the checkpoint again") from None
+    info = read_json(path, "quantize the checkpoint again")
     if info.get("method") not in METHODS:
         raise KataruError(f"{path} names an unknown method {info.get('method')!r}; quantize the checkpoint again")
     if info.get("format", 1) != FORMAT:
@@ -249,7 +245,7 @@ def read_quantization(folder: Path) -> dict | None:
 
 def save_quantized(model: nn.Module, source: Path, out: Path) -> Path:
     """model.safetensors in kataru's own layout, the source's config and tokenizer files, and a marker."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
@@ -258,13 +254,12 @@ def save_quantized(model: nn.Module, source: Path, out: Path) -> Path:
     for model_file in source.glob("*.model"):
         shutil.copy(model_file, out / model_file.name)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "kataru"})
-    os.replace(tmp, out / "model.safetensors")  # atomic: never a half-written weight file
+    with atomic_output(out / "model.safetensors", "wb") as f:  # never a half-written weight file
+        f.write(save(state, metadata={"format": "kataru"}))
     group = max((m.group_size for m in model.modules() if isinstance(m, Int4Linear)), default=None)
     info = {"method": model.quantization, "format": FORMAT, "group_size": group,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
-    (out / QUANT_FILE).write_text(json.dumps(info), encoding="utf-8")
+    write_json(out / QUANT_FILE, info)
     return out
 
 

@@ -37,8 +37,8 @@ def resolve_device(name: str) -> str:
         raise KataruError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise KataruError(f"device {name!r}: this torch build ({torch.__version__}) sees no CUDA GPU; use device cpu, "
-                              "or install a CUDA build of torch on a machine with a GPU")
+            raise KataruError(f"device {name!r}: this torch build ({torch.__version__}) sees no CUDA GPU; use device "
+                              "cpu, or install a CUDA build of torch on a machine with a GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise KataruError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type != "cpu":

@@ -12,12 +12,12 @@ incomplete UTF-8 back while streaming (`StreamDecoder`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kataru.errors import KataruError
+from kataru.files import read_json
 
 # In transformers' order, which decides the ids of special tokens missing from the vocabulary.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -41,12 +41,7 @@ def _content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KataruError(f"{path} is not valid JSON ({err}); restore it from the checkpoint") from None
+    return read_json(path, "restore it from the checkpoint", default={}) if path.is_file() else {}
 
 
 class Tokenizer:

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-.venv/bin/ruff check kataru tests
+.venv/bin/ruff check kataru tests bench recipes
 .venv/bin/python -m pytest -q "$@"

@@ -211,38 +211,55 @@ def test_linear_uses_the_kernel_for_decode_rows_only_without_gradients(monkeypat
     assert calls == [3]  # the decode rows on the kernel; the prefill rows on the float32 GEMM
 
 
-def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_under_autograd(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def run_in_new_thread(fn):  # type: ignore[no-untyped-def]
+    """fn's result in a fresh thread (thread-local state starts empty; exceptions come back)."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as err:
+            out["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_under_autograd() -> None:
     torch.manual_seed(0)
-    monkeypatch.setattr(kataru_model, "UPCAST_TILE", 640)  # 10 rows of 64: 96 rows are 9 whole tiles and one of 6
-    monkeypatch.setattr(kataru_model, "_upcast_scratch", threading.local())  # no buffer from earlier tests
     small, large = Linear(64, 48).bfloat16(), Linear(64, 96).bfloat16()
     headless = Linear(64, 96, bias=False).bfloat16()
     x = torch.randn(2, Linear.upcast_rows, 64).bfloat16()
-    with torch.inference_mode():  # the buffer made in inference mode (generation) ...
-        large(x)
-    first = kataru_model._upcast_scratch.buffer
-    assert first.numel() == 10 * 64  # one tile, not the weight
-    with torch.no_grad():  # ... serves plain no_grad code too
-        for layer in (small, large, headless):
-            bias = None if layer.bias is None else layer.bias.float()
-            expected = F.linear(x.float(), layer.weight.float(), bias)
-            got = layer(x)
-            assert got.shape == (2, Linear.upcast_rows, layer.out_features) and got.is_contiguous()
-            # the float32 result rounded once to bf16: within one rounding step of the exact product
-            assert ((got.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
-        assert kataru_model._upcast_scratch.buffer is first  # the same memory, reused
-        elsewhere: list[int] = []
 
-        def in_another_thread() -> None:
+    def prefills() -> None:
+        assert kataru_model.upcast_buffer() is None  # a new thread: no buffer yet
+        with torch.inference_mode():  # the buffer made in inference mode (generation) ...
+            large(x)
+        first = kataru_model.upcast_buffer()
+        assert first is not None and first.numel() == 10 * 64  # one tile, not the weight
+        with torch.no_grad():  # ... serves plain no_grad code too
+            for layer in (small, large, headless):
+                bias = None if layer.bias is None else layer.bias.float()
+                expected = F.linear(x.float(), layer.weight.float(), bias)
+                got = layer(x)
+                assert got.shape == (2, Linear.upcast_rows, layer.out_features) and got.is_contiguous()
+                # the float32 result rounded once to bf16: within one rounding step of the exact product
+                assert ((got.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+        assert kataru_model.upcast_buffer() is first  # the same memory, reused
+
+        def other() -> int:
             with torch.no_grad():  # grad mode is per thread
                 small(x)
-            elsewhere.append(kataru_model._upcast_scratch.buffer.data_ptr())
+            return kataru_model.upcast_buffer().data_ptr()
 
-        thread = threading.Thread(target=in_another_thread)
-        thread.start()
-        thread.join()
-        assert elsewhere[0] != first.data_ptr()  # threads never share the buffer
+        assert run_in_new_thread(other) != first.data_ptr()  # threads never share the buffer (first is alive)
+
+    with kataru_model.upcast_tile(640):  # 10 rows of 64: 96 rows are 9 whole tiles and one of 6
+        run_in_new_thread(prefills)
     # with autograd the whole weight is converted and kept for backward: the right gradients
     leaf = x.float().requires_grad_(True)
     small(leaf.bfloat16()).float().sum().backward()
@@ -251,7 +268,7 @@ def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_u
 
 
 def test_without_a_compiler_torch_matmul_takes_over(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {"off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
     monkeypatch.setenv("KATARU_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert kernels.library() is None
@@ -263,7 +280,7 @@ def test_without_a_compiler_torch_matmul_takes_over(monkeypatch: pytest.MonkeyPa
 
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {"off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
     monkeypatch.setenv("KATARU_KERNELS", "0")
     assert not kernels.supported() and kernels.library() is None
 
@@ -403,3 +420,24 @@ def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(family: str
         with kernels.disabled():
             sdpa = model.decode(tokens, cache, rows, slots, 21)
     assert torch.allclose(fast, sdpa, atol=1e-4, rtol=0) and not torch.equal(fast, sdpa)
+
+
+@needs_kernel
+def test_kernels_switch_off_by_kind_and_stub_for_experiments() -> None:
+    """`disabled("norm")` sends norms to torch and leaves the matmul kernel on; `stubbed()` makes every kernel
+    call return at once (its output unwritten), which is how bench/decode_overhead.py times the rest."""
+    x, weight = torch.randn(2, 64), torch.ones(64)
+    assert kernels.norm_applicable(x, weight) and kernels.available("linear")
+    with kernels.disabled("norm"):
+        assert not kernels.norm_applicable(x, weight) and kernels.available("linear")
+        assert kernels.available("attention")
+    with kernels.disabled():
+        assert not any(kernels.available(kind) for kind in kernels.KINDS)
+    assert kernels.norm_applicable(x, weight)
+    with pytest.raises(ValueError, match="unknown kernel kind"), kernels.disabled("softmax"):
+        pass
+    w = torch.randn(16, 64).bfloat16()
+    y = kernels.linear_half(x.bfloat16(), w)
+    with kernels.stubbed():
+        stub = kernels.linear_half(x.bfloat16(), w)
+    assert stub.shape == y.shape and torch.equal(kernels.linear_half(x.bfloat16(), w), y)

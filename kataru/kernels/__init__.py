@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +35,10 @@ HEADER = Path(__file__).with_name("simd.h")  # included by every source
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 
 ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights
-_state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "off": disabled() depth
+KINDS = ("linear", "attention", "norm")
+# "lib": the loaded library (None once tried and failed); "off": per kind, how many `disabled` blocks are open;
+# "stub": how many `stubbed` blocks are open
+_state: dict[str, Any] = {"off": dict.fromkeys(KINDS, 0), "stub": 0}
 
 
 def cache_dir() -> Path:
@@ -75,7 +79,7 @@ def build(sources: tuple[Path, ...] = SOURCES) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here (decided once per process)."""
-    if _state.get("off"):
+    if all(_state["off"].values()):
         return None
     if "lib" not in _state:
         lib = None
@@ -105,25 +109,37 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
-def available() -> bool:
+def available(kind: str = "linear") -> bool:
+    """Whether the kernels of this kind (linear, attention, norm) run here and now."""
+    if _state["off"][kind]:
+        return False
     if torch.compiler.is_compiling():  # a trace cannot build or load the library: `compiled_decode` loaded it
-        return _state.get("lib") is not None and not _state.get("off")
+        return _state.get("lib") is not None
     return library() is not None
 
 
-def applicable(weight: Tensor) -> bool:
+def applicable(weight: Tensor, kind: str = "linear") -> bool:
     """Whether a CPU weight can go through the kernels now: they run here and the weight is contiguous."""
-    return weight.is_contiguous() and available()
+    return weight.is_contiguous() and available(kind)
 
 
-def usable(x: Tensor, weight: Tensor) -> bool:
+def usable(x: Tensor, weight: Tensor, kind: str = "linear") -> bool:
     """`applicable(weight)`, and autograd needs nothing from this call (a ctypes call has no backward)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return not wants_grad and applicable(weight)
+    return not wants_grad and applicable(weight, kind)
 
 
-def _loaded(caller: str) -> ctypes.CDLL:
+class _Stub:
+    """Stands in for the library inside `stubbed()`: every kataru_* function returns at once."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None
+
+
+def _loaded(caller: str) -> ctypes.CDLL | _Stub:
     """The library, for callers that checked `applicable` first."""
+    if _state["stub"]:
+        return _Stub()
     lib = library()
     assert lib is not None, f"{caller} called where the kernels are unavailable"
     return lib
@@ -241,7 +257,8 @@ def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, 
 
 def norm_applicable(x: Tensor, weight: Tensor) -> bool:
     """Whether few rows of x (a decode step's) can take `rms_norm` with this weight."""
-    return x.device.type == "cpu" and x.dtype in ACTIVATIONS and weight.dtype == x.dtype and usable(x, weight)
+    return (x.device.type == "cpu" and x.dtype in ACTIVATIONS and weight.dtype == x.dtype and available("norm")
+            and usable(x, weight, "norm"))
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -258,7 +275,8 @@ def attention_applicable(cache: Tensor, dtype: torch.dtype, head_dim: int) -> bo
     """Whether a one-token decode step with activations of `dtype` can attend over this CPU cache on
     `decode_attention`."""
     return (cache.device.type == "cpu" and cache.dtype in ACTIVATIONS and dtype in ACTIVATIONS
-            and head_dim % 8 == 0 and head_dim <= 512 and not torch.is_grad_enabled() and applicable(cache))
+            and head_dim % 8 == 0 and head_dim <= 512 and not torch.is_grad_enabled()
+            and applicable(cache, "attention"))
 
 
 def _decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
@@ -288,14 +306,30 @@ def _decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """torch's matmuls and SDPA instead of the kernels inside the block (benchmarks compare the two)."""
-    depth = int(_state.get("off", 0))  # type: ignore[call-overload]
-    _state["off"] = depth + 1
+def disabled(*kinds: str) -> Iterator[None]:
+    """torch's ops instead of these kernels (linear, attention, norm; none named: all) inside the block, for
+    benchmarks that compare the two."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kernel kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    for kind in kinds or KINDS:
+        _state["off"][kind] += 1
     try:
         yield
     finally:
-        _state["off"] = depth
+        for kind in kinds or KINDS:
+            _state["off"][kind] -= 1
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[None]:
+    """Every kernel call returns at once, leaving its output unwritten (garbage), inside the block: what a step
+    costs besides its kernels (`bench/decode_overhead.py`). Only the time means anything."""
+    _state["stub"] += 1
+    try:
+        yield
+    finally:
+        _state["stub"] -= 1
 
 
 # The kernels as torch operators, so that torch.compile keeps them in its graph (it cannot trace a ctypes call)

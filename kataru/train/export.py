@@ -59,6 +59,9 @@ def llama_config(vocab_size: int, dim: int, n_layer: int, n_head: int, intermedi
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """kataru's fused tensors split back into the published names of the model's family."""
+    if getattr(model, "quantization", None):
+        raise KataruError(f"a {model.quantization} model cannot be exported as a Hugging Face folder; export the "
+                          "unquantized model (kataru quantize writes quantized folders)")
     plan = weight_plan(model.config)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     parts: dict[str, list[tuple[int, Tensor]]] = {}

@@ -1,12 +1,12 @@
 """Peak memory of loading a checkpoint and generating with it, against the weights plus the KV cache.
 
-usage: .venv/bin/python scripts/peak-rss.py [--shape llm-jp-3.1-1.8b] [--work DIR] [--methods bf16,int8,int4]
+usage: .venv/bin/python bench/peak_rss.py [--shape llm-jp-3.1-1.8b] [--work DIR] [--methods bf16,int8,int4]
 
 Writes a random-weight Hugging Face checkpoint of the seed shape once (transformers, bf16, with the embedded
 model's tokenizer: its ids lie inside every shape's vocabulary), and `kataru quantize` copies of it; then,
 for each, a fresh process imports kataru, resets its peak (Linux /proc/self/clear_refs), loads the folder
 with `kataru.load`, generates 64 tokens after a ~500-token prompt, and reports its peak resident memory
-above the imports, next to the bytes of the weights and of the KV cache the engine allocated.
+above the imports, next to the bytes of the weights and of the KV cache the engine held at its largest.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MEASURE = """
 import json, sys, torch
 import kataru
 from kataru.config import ModelConfig, read_config_file
-from kataru.model import KVCache, Transformer
+from kataru.model import Transformer
 
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
@@ -33,12 +33,14 @@ with torch.device("meta"):  # import what loading pulls in before measuring
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM)
 llm = kataru.load(sys.argv[1], progress=False)
-llm.generate("日本語の文章です。" * 100, raw=True, max_new_tokens=64, temperature=0, ignore_eos=True)
+request = llm.engine.submit(llm.tokenizer.encode("日本語の文章です。" * 100), kataru.SamplingParams(
+    max_new_tokens=64, do_sample=False, ignore_eos=True))
+kv = 0
+for _ in llm.engine.follow(request):  # the cache at its largest (the engine shrinks it when idle)
+    kv = max(kv, llm.engine.stats()["cache_bytes"])
 peak = status("VmHWM") - base
-caches = {id(t) for m in llm.model.modules() if isinstance(m, KVCache) for t in m.buffers()}
-tensors = {id(t): t for t in [*llm.model.parameters(), *llm.model.buffers()]}
-kv = sum(t.numel() * t.element_size() for i, t in tensors.items() if i in caches)
-weights = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in caches)
+weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*llm.model.parameters(),
+                                                                        *llm.model.buffers()]}.values())
 print(json.dumps({"weights": weights, "kv": kv, "peak": peak}))
 """
 
@@ -47,9 +49,9 @@ def make_checkpoint(shape: str, folder: Path) -> None:
     import torch
     import transformers
 
-    from kataru.bench import HF_CLASSES, shape_config
     from kataru.config import ModelConfig
     from kataru.llm import DEFAULT_MODEL
+    from kataru.shapes import HF_CLASSES, shape_config
 
     hf_config = shape_config(shape)
     vocab = json.loads((Path(DEFAULT_MODEL) / "config.json").read_text())["vocab_size"]

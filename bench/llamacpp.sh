@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # llama.cpp on the llm-jp-3.1-1.8b shape with random weights (bf16, Q8_0, Q4_0), 2 threads, the peer that
-# issue 4's targets name; kataru's own figures come from `kataru bench`, on the same shape.
+# kataru is compared with; kataru's own figures come from `kataru bench`, on the same shape.
 #
-# usage: scripts/bench-llamacpp.sh LLAMA_CPP_DIR [WORK_DIR]
+# usage: bench/llamacpp.sh LLAMA_CPP_DIR [WORK_DIR]
 #   LLAMA_CPP_DIR  a llama.cpp source tree built with cmake (build/bin/llama-bench and llama-quantize), e.g.
 #                  the one vendored in the llama-cpp-python sdist from PyPI:
 #                    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-*.tar.gz
@@ -13,7 +13,7 @@
 # dependencies (transformers) in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-llama=${1:?usage: scripts/bench-llamacpp.sh LLAMA_CPP_DIR [WORK_DIR]}
+llama=${1:?usage: bench/llamacpp.sh LLAMA_CPP_DIR [WORK_DIR]}
 work=${2:-/tmp/kataru-llamacpp}
 tokenizer=../shared/data/tokenizers/llm-jp-v3.1/llm-jp-tokenizer-100k.ver3.1.model
 [ -x "$llama/build/bin/llama-bench" ] || { echo "no $llama/build/bin/llama-bench: build llama.cpp first (see the header)" >&2; exit 1; }
@@ -23,7 +23,7 @@ if [ ! -f "$work/bf16.gguf" ]; then
   .venv/bin/python - "$work/hf" "$tokenizer" <<'EOF'
 import shutil, sys
 import torch, transformers
-from kataru.bench import SHAPES
+from kataru.shapes import SHAPES
 config = {k: v for k, v in SHAPES["llm-jp-3.1-1.8b"].items() if k != "model_type"}
 torch.manual_seed(0)
 model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, bos_token_id=1, eos_token_id=2))

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 4's checks that need a CUDA GPU, in one run: the tests that skip without one (CUDA graphs, torch's
+# The checks that need a CUDA GPU, in one run: the tests that skip without one (CUDA graphs, torch's
 # packed int8/int4 kernels, `kataru bench --device cuda` on a tiny shape), then the llm-jp-3.1-1.8b bench
 # on the GPU. Uses a python that already has torch with CUDA and kataru's other dependencies (the lent
 # device machine's own python3 has them); logs and the bench JSON go to $OUT (default ./gpu-check).
 #
-# usage: scripts/gpu-check.sh [PYTHON]
+# usage: bench/gpu_check.sh [PYTHON]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-python3}

@@ -3,7 +3,7 @@ the longest wait between two of their tokens (one step: a chunk, then their deco
 time to its first token. Chunk sizes take turns in each round so that all see the same machine load; medians
 of the rounds are printed.
 
-usage: .venv/bin/python scripts/bench_prefill_chunks.py [--shape llm-jp-3.1-1.8b] [--layers N]
+usage: .venv/bin/python bench/prefill_chunks.py [--shape llm-jp-3.1-1.8b] [--layers N]
            [--quantize int8|int4] [--batch 1] [--prompt-tokens 512] [--chunks none,256,128,64] [--rounds 3]
 """
 
@@ -14,10 +14,10 @@ import statistics
 import time
 
 import torch
+from common import shape_arguments, shape_model
 
-from kataru.bench import build_shape, quantize_model, shape_arguments
 from kataru.engine import Engine
-from kataru.generation import SamplingParams
+from kataru.sampling import SamplingParams
 
 
 def one_arrival(model: torch.nn.Module, chunk: int | None, batch: int, prompt: list[int]) -> tuple[float, float]:
@@ -46,9 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     chunks = [None if c == "none" else int(c) for c in args.chunks.split(",")]
-    model, _ = build_shape(args.shape, args.layers, torch.bfloat16, False)
-    if args.quantize:
-        model = quantize_model(model, args.quantize)
+    model = shape_model(args.shape, args.layers, args.quantize)
     prompt = torch.randint(3, model.config.vocab_size, (args.prompt_tokens,)).tolist()
     one_arrival(model, 64, args.batch, prompt[:80])  # warm-up: caches, kernels, buffers
     results: dict[int | None, list[tuple[float, float]]] = {c: [] for c in chunks}

@@ -1,6 +1,6 @@
 """Copy a finished kataru-tiny-ja run into the package and write its training summary (the README's figures).
 
-Usage: python scripts/ship_model.py RUN_FOLDER kataru/models/kataru-tiny-ja
+Usage: python recipes/ship_model.py RUN_FOLDER kataru/models/kataru-tiny-ja
 """
 
 from __future__ import annotations

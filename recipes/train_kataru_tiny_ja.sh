@@ -3,10 +3,11 @@
 # clean Aozora -> tokenizer -> packed tokens -> pretrain -> SFT (JGLUE/Aozora-derived) -> DPO pairs
 # by rejection sampling -> DPO -> evaluation -> copy into the package. Each stage is skipped when its
 # output exists, so a stopped run continues where it ended (pretraining resumes from its checkpoint).
-# Usage: scripts/train-kataru-tiny-ja.sh [RUN_FOLDER]   (default: runs/kataru-tiny-ja)
+# Usage: recipes/train_kataru_tiny_ja.sh [RUN_FOLDER]   (default: runs/kataru-tiny-ja); KATARU_DATA names the
+# data folder (default: ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SHARED:-../shared/data}
+SHARED=${KATARU_DATA:-../shared/data}
 RUN=${1:-runs/kataru-tiny-ja}
 K=(.venv/bin/kataru)
 [ -d "$SHARED/aozora" ] || { echo "needs $SHARED (Aozora and JGLUE files)" >&2; exit 2; }
@@ -45,8 +46,9 @@ if [ ! -f "$RUN/dpo/final/model.safetensors" ]; then
 fi
 stage evaluate
 for m in pretrain sft dpo; do
-  "${K[@]}" eval jcommonsenseqa "$RUN/$m/final" --json > "$RUN/jcqa-$m.json"
-  "${K[@]}" bench "$RUN/$m/final" --quality --dtype float32 --json > "$RUN/quality-$m.json"
+  "${K[@]}" eval jcommonsenseqa "$RUN/$m/final" --data "$SHARED/jglue/jcommonsenseqa-v1.3/valid-v1.3.json" \
+    --json > "$RUN/jcqa-$m.json"
+  "${K[@]}" eval perplexity "$RUN/$m/final" --dtype float32 --json > "$RUN/quality-$m.json"
 done
 stage ship
-.venv/bin/python scripts/ship_model.py "$RUN" kataru/models/kataru-tiny-ja
+KATARU_DATA=$SHARED .venv/bin/python recipes/ship_model.py "$RUN" kataru/models/kataru-tiny-ja

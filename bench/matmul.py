@@ -1,6 +1,6 @@
 """One matmul as kataru runs it against torch's (bf16, int8, int4), for decode rows (1, 8) or a prompt (512).
 
-usage: .venv/bin/python scripts/bench_matmul.py [--out 14336] [--in 2048] [--rows 1,8] [--copies N] [--seconds 1.5]
+usage: .venv/bin/python bench/matmul.py [--out 14336] [--in 2048] [--rows 1,8] [--copies N] [--seconds 1.5]
 Defaults: the fused gate+up weight of the llm-jp-3.1-1.8b shape. Several copies of the weight (512 MB in
 all) are cycled so that every call reads from memory, as a decode step does; `--out 2048 --copies 1`
 keeps one small weight in cache instead, which shows what the kernels compute when memory is no limit.
