@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -210,11 +211,14 @@ class StateDict:
 
 
 class BinFile(StateDict):
-    """A pytorch_model*.bin state dict, loaded with weights_only=True and memory mapped."""
+    """A pytorch_model*.bin state dict, loaded with weights_only=True (memory mapped when torch's zip format)."""
 
     def __init__(self, path: Path) -> None:
+        # torch's zip format (torch >= 1.6) is memory mapped; the legacy format, which many older uploads use,
+        # cannot be, and is read whole (still weights_only: no pickled code runs)
+        mmap = zipfile.is_zipfile(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … for a bad file
             message = _first_line(err)
             if "weights_only" in message or "Unpickl" in type(err).__name__:

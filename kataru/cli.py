@@ -65,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback, and nothing more to write
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        print("kataru: error: the output was closed before kataru finished writing it (broken pipe)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

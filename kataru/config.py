@@ -35,6 +35,12 @@ ARCHITECTURES: dict[str, Family] = {
 }
 
 
+# kataru's field -> the config.json field it usually comes from (for messages about a bad value)
+HF_NAMES = {"dim": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+            "n_kv_head": "num_key_value_heads", "max_seq_len": "max_position_embeddings", "head_dim": "head_dim",
+            "norm_eps": "rms_norm_eps / layer_norm_eps", "rope_theta": "rope_theta"}
+
+
 @dataclass
 class ModelConfig:
     family: Family
@@ -90,14 +96,46 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        if not isinstance(hf, dict):
+            raise KataruError("config.json must hold a JSON object; restore the file from the checkpoint")
         family = detect_family(hf)
         try:
-            return _BUILDERS[family](hf)
+            config = _BUILDERS[family](hf)
         except KeyError as missing:
             raise KataruError(
                 f"config.json lacks the field {missing} that a {family} checkpoint needs; "
                 "re-export the config with transformers"
             ) from None
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as err:
+            raise KataruError(f"config.json has a field of the wrong type or value ({err}); restore the file "
+                              "from the checkpoint") from None
+        return config.check()
+
+    def check(self) -> ModelConfig:
+        """Refuse, in one line, a config whose sizes no model can have (negative, zero, not whole numbers)."""
+        def whole(name: str, value: Any, low: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise KataruError(f"config.json gives {HF_NAMES.get(name, name)} = {value!r}; it must be a whole "
+                                  f"number of at least {low}; restore the file from the checkpoint")
+
+        for name in ("vocab_size", "dim", "n_layer", "n_head", "n_kv_head", "head_dim", "intermediate_size",
+                     "max_seq_len"):
+            whole(name, getattr(self, name))
+        if self.n_head % self.n_kv_head:
+            raise KataruError(f"config.json gives {self.n_head} attention heads and {self.n_kv_head} key/value "
+                              "heads; the first must be a multiple of the second")
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise KataruError(f"config.json's rotary fraction gives {self.rotary_dim} rotary dims of a "
+                              f"{self.head_dim}-dim head; it must be an even number within the head")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise KataruError(f"config.json gives {HF_NAMES[name]} = {value!r}; it must be a positive number")
+        if self.sliding_window is not None:
+            whole("sliding_window", self.sliding_window)
+        for token in self.eos_token_ids:
+            whole("eos_token_id", token, low=0)
+        return self
 
 
 def detect_family(hf: dict[str, Any]) -> Family:

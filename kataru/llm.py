@@ -178,9 +178,10 @@ class LLM:
         (request,) = self._submit([self.encode_prompt(prompt, inputs, system, raw)], self.sampling(**sampling))
         sent = 0
         for _ in self.engine.follow(request):
-            if len(request.text) > sent:
-                yield request.text[sent:]
-                sent = len(request.text)
+            text = request.text  # read once: other callers' steps extend it while this generator waits
+            if len(text) > sent:
+                piece, sent = text[sent:], len(text)
+                yield piece
         self._completion(request)  # raises the request's error, if it failed
 
     def _submit(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:

@@ -70,7 +70,12 @@ class ChatTemplate(PromptStyle):
     def render(self, messages: list[Message], tokenizer: Tokenizer) -> str:
         if any("inputs" in m for m in messages):
             raise KataruError("inputs (入力) belong to the alpaca-ja prompt style; put them in the message instead")
-        template = compile_template(tokenizer.chat_template or LLM_JP_TEMPLATE)
+        try:
+            template = compile_template(tokenizer.chat_template or LLM_JP_TEMPLATE)
+        except Exception as err:  # jinja2's TemplateSyntaxError and friends
+            raise KataruError(f"the checkpoint's chat template is not valid Jinja ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:160]}); fix chat_template in tokenizer_config.json or "
+                              "choose another prompt style") from None
         try:
             return template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
                                    **tokenizer.special_strings)

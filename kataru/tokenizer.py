@@ -112,6 +112,13 @@ class Tokenizer:
         return self.backend.special_ids()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise KataruError(f"text to tokenize must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (Python's surrogateescape)
+            raise KataruError("the text holds bytes that are not UTF-8; convert it (e.g. iconv -f SHIFT_JIS -t "
+                              "UTF-8)") from None
         return self.backend.encode(text, add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

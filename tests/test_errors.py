@@ -151,3 +151,123 @@ def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_process(*args: str | bytes, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kataru", *args], input=stdin, capture_output=True, timeout=180,
+                          cwd=ROOT)
+
+
+def assert_process_one_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.startswith("kataru: error: ") and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_text_that_is_not_utf8_is_one_line(ckpt: Path) -> None:
+    """Bytes that are not UTF-8, in the prompt argument (Python hands them over as lone surrogates) or on stdin."""
+    assert_process_one_line(run_process(b"generate", bytes(ckpt), b"\xff\xfe caf\xe9"), "not UTF-8")
+    assert_process_one_line(run_process("generate", str(ckpt), "-", stdin=b"\x82\xa0\x82\xa2"), "standard input",
+                            "not UTF-8")
+
+
+def test_generate_from_stdin_drops_the_final_newline(capsys: pytest.CaptureFixture, ckpt: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    main(["generate", str(ckpt), "吾輩は猫", "--json", "--max-new-tokens", "2"])
+    from_argument = json.loads(capsys.readouterr().out)["prompt_token_ids"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫\n".encode())))
+    main(["generate", str(ckpt), "-", "--json", "--max-new-tokens", "2"])
+    assert json.loads(capsys.readouterr().out)["prompt_token_ids"] == from_argument
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ([1, 2, 3], "holds a JSON list, not a JSON object"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers = -2; it must be a whole number of at least 1"),
+    ({"hidden_size": "big"}, "hidden_size = 'big'"),
+    ({"rope_theta": "ten thousand", "rope_parameters": None}, "wrong type or value"),
+    ({"num_attention_heads": 0}, "num_attention_heads = 0; it must be a whole number of at least 1"),
+    ({"num_key_value_heads": 3}, "must be a multiple of the second"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps / layer_norm_eps = -1.0; it must be a positive number"),
+])
+def test_a_config_of_the_wrong_shape_is_one_line(capsys: pytest.CaptureFixture, ckpt: Path, config: object,
+                                                 fragment: str) -> None:
+    path = ckpt / "config.json"
+    if isinstance(config, dict):
+        config = {**json.loads(path.read_text()), **config}
+    path.write_text(json.dumps(config))
+    assert_one_line_error(*run_cli(capsys, "info", ckpt), fragment)
+
+
+def test_a_chat_template_that_is_not_jinja_is_one_line(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
+    path = ckpt / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = "{% for message in messages %}{{ message['content'] }"
+    path.write_text(json.dumps(config))
+    assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x"), "chat template is not valid Jinja",
+                          "TemplateSyntaxError")
+
+
+def test_sampling_values_that_would_break_a_step_are_one_line(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
+    assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--seed", str(2**63)), "seed must be")
+    assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--temperature", "1e-40"),
+                          "temperature must be 0 (greedy) or at least")
+    assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--repetition-penalty", "1e300"),
+                          "repetition_penalty must be in")
+    assert_one_line_error(*run_cli(capsys, "chat", ckpt, "--top-p", "2"), "top_p")  # before the first message
+
+
+def test_nan_logits_are_one_line_not_an_empty_answer(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
+    edit_weights(ckpt, lambda s: s["model.norm.weight"].fill_(float("nan")))
+    for temperature in ("0", "1"):
+        assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--temperature", temperature),
+                              "NaN or infinite")
+
+
+def test_output_piped_into_head_ends_without_a_traceback(ckpt: Path, tmp_path: Path) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("吾輩は猫である。名前はまだ無い。\n" * 20000, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "kataru", "tokenize", str(ckpt), "--file", str(lines)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(10)  # as `| head -c 10` does, then the reader goes away
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 2
+    assert err.startswith("kataru: error: ") and "broken pipe" in err and "Traceback" not in err, err
+
+
+def test_a_legacy_format_pytorch_model_bin_loads(ckpt: Path) -> None:
+    """torch's pre-zip serialization (many older uploads) loads with weights_only, not memory mapped."""
+    import kataru
+
+    expected = kataru.load(ckpt, dtype="float32").logits([[5, 6, 7, 8]])
+    state = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    torch.save(state, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    import zipfile
+
+    assert not zipfile.is_zipfile(ckpt / "pytorch_model.bin")
+    assert torch.equal(kataru.load(ckpt, dtype="float32").logits([[5, 6, 7, 8]]), expected)
+
+
+def test_data_inputs_and_failed_runs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert_one_line_error(*run_cli(capsys, "data", "clean", tmp_path, "--out", tmp_path / "out"), "is a directory")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "短い"}) + "\n", encoding="utf-8")
+    assert_one_line_error(*run_cli(capsys, "data", "clean", short, "--out", tmp_path / "out"),
+                          "no training documents left")
+    assert not list((tmp_path / "out").iterdir())  # no train.jsonl, no leftover *.tmp
+
+
+def test_run_script_checks_the_folder_before_anything_runs(tmp_path: Path) -> None:
+    result = subprocess.run([str(ROOT / "scripts" / "run.sh"), str(tmp_path / "llm-jp-typo"), "質問"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "model folder" in result.stderr and "does not exist" in result.stderr

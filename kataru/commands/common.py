@@ -42,6 +42,21 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
             "stop": args.stop, "ignore_eos": args.ignore_eos or None}
 
 
+def read_stdin() -> str:
+    """Standard input as UTF-8 text, without the newline that ends its last line."""
+    import sys
+
+    from kataru.errors import KataruError
+
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise KataruError(f"standard input is not UTF-8 text (byte {err.start}); convert it (e.g. iconv -f "
+                          "SHIFT_JIS -t UTF-8)") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kataru.llm import DEFAULT_MODEL, load
 

@@ -19,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import json
-    import sys
 
     llm = common.load(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm.sampling(**common.sampling(args))  # a bad sampling flag is reported before anything runs
+    prompt = common.read_stdin() if args.prompt == "-" else args.prompt
     options = {"inputs": args.inputs, "system": args.system, "raw": args.raw, **common.sampling(args)}
     if args.json:
         completion = llm.complete([prompt], **options)[0]

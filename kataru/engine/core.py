@@ -267,7 +267,7 @@ class Engine:
                 self._drive(ready)
                 seen = len(request.tokens)
                 yield request
-                if request.done:
+                if request.done and seen == len(request.tokens):  # done, and the consumer saw its last token
                     return
         finally:
             if not request.done:

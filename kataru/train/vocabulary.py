@@ -50,6 +50,9 @@ def train_tokenizer(paths: list[str], out: Path, vocab_size: int = 8000, field: 
             )
         except RuntimeError as err:
             reason = str(err).splitlines()[0].split("] ")[-1]
+            # sentencepiece names its own flags; kataru's are --vocab-size and --character-coverage
+            reason = reason.replace("vocab_size", "--vocab-size").replace(
+                "decrease character_coverage with --character_coverage option", "lower --character-coverage")
             raise KataruError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: {reason}") from None
         processor = spm.SentencePieceProcessor(model_file=prefix + ".model")
         save_hf_tokenizer(processor, out, chat_template)
