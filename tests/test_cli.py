@@ -96,3 +96,27 @@ def test_console_script_freezes_what_the_imports_made(monkeypatch: pytest.Monkey
     monkeypatch.setattr(cli.gc, "freeze", lambda: order.append("freeze"))
     monkeypatch.setattr(cli, "main", lambda: order.append("main") or 0)
     assert cli.run() == 0 and order == ["freeze", "main"]
+
+
+def test_every_command_is_listed_and_training_flags_show_help_and_defaults(capsys: pytest.CaptureFixture) -> None:
+    from kataru.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in COMMANDS)
+    for command, flags in (("pretrain", ["--lr LR", "peak learning rate (AdamW) (default: 0.001)",
+                                         "--max-steps MAX_STEPS", "(default: 1000)", "hidden size (default: 256)"]),
+                           ("sft", ["--lora-r LORA_R", "adapter rank (default: 8)", "(default: 0.0003)"]),
+                           ("dpo", ["DPO's beta", "(default: 0.1)"]),
+                           ("train-tokenizer", ["--character-coverage", "(default: 0.9995)"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for flag in flags:
+            assert flag in text, (command, flag)
+
+
+def test_tokenize_defaults_to_the_embedded_model(capsys: pytest.CaptureFixture) -> None:
+    ids = json.loads(run(capsys, "tokenize", "吾輩は猫である", "--json"))
+    assert ids == kataru.load().tokenizer.encode("吾輩は猫である")

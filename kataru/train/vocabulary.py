@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kataru.data.corpus import read_documents
 from kataru.errors import KataruError
+from kataru.files import write_json
 from kataru.prompts import LLM_JP_TEMPLATE
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -84,5 +85,5 @@ def save_hf_tokenizer(processor, out: Path, chat_template: str | None) -> None: 
     }
     if chat_template:
         config["chat_template"] = chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(SPECIALS, indent=2) + "\n")
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json", SPECIALS)
