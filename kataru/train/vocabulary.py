@@ -8,7 +8,6 @@ piece of their own, because Japanese prose is paragraphs.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from pathlib import Path
