@@ -22,6 +22,7 @@ COMMANDS = {  # name: what it does (the module kataru/commands/<name>.py runs it
     "chat": "interactive multi-turn chat, streamed (/reset, /exit)",
     "tokenize": "token ids of a text, as the reference tokenizer gives them",
     "quantize": "write a weight-only quantized copy of a checkpoint",
+    "serve": "an OpenAI-compatible HTTP server (chat, completions, tokenize, metrics) on one engine",
     "bench": "prefill/decode speed vs the memory roofline (and transformers)",
     "eval": "evaluate: jcommonsenseqa (log-likelihood over 5 choices), perplexity (held-out text)",
     "data": "prepare training data: clean, tokenize, derive SFT/DPO sets",

@@ -20,6 +20,7 @@ from kataru.errors import KataruError
 MIN_TEMPERATURE = 1e-4
 PENALTY_RANGE = (1e-3, 1e3)  # a penalty outside it turns logits of a few hundred into inf or zero
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # top alternatives reported per token at most (OpenAI's limit for chat)
 
 
 @dataclass
@@ -35,6 +36,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end the answer, as eos does
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token came in the answer so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token came in the answer
+    logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
+    grammar: str | None = None  # an llguidance grammar (JSON) the answer must follow (`kataru.grammar`)
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +70,15 @@ class SamplingParams:
              "stop strings must be non-empty strings"),
             (isinstance(self.do_sample, bool) and isinstance(self.ignore_eos, bool),
              "do_sample and ignore_eos must be true or false"),
+            (isinstance(self.stop_token_ids, list) and all(number(t, True) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be a list of token ids"),
+            (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (self.logprobs is None or (number(self.logprobs, True) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be a whole number in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (self.grammar is None or isinstance(self.grammar, str), "grammar must be a string"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,17 +122,32 @@ def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), -math.inf)
 
 
-def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
-    """Logits [V] (float32) after every step of transformers' processor list."""
+def apply_openai_penalties(logits: Tensor, counts: Tensor | None, frequency: float, presence: float) -> Tensor:
+    """OpenAI's rule: logit - frequency * count - presence * (count > 0), over the answer's tokens so far."""
+    if counts is None or (frequency == 0 and presence == 0):
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams, counts: Tensor | None = None,
+                   allowed: Tensor | None = None) -> Tensor:
+    """Logits [V] (float32) after every step of transformers' processor list (OpenAI's penalties after the
+    repetition penalty, as vLLM applies them); `allowed` [V] bool masks out what a grammar forbids before
+    top-k and top-p choose among what is left."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = apply_openai_penalties(logits, counts, params.frequency_penalty, params.presence_penalty)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
     if params.greedy:
         return logits
     logits = logits / params.temperature
     return apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
 
 
-def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = process_logits(logits.float(), seen, params)
+def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None,
+               counts: Tensor | None = None, allowed: Tensor | None = None) -> int:
+    """The next token; `allowed` [V] bool: the tokens a grammar allows."""
+    logits = process_logits(logits.float(), seen, params, counts, allowed)
     if params.greedy:
         return int(logits.argmax())
     probs = logits.softmax(dim=-1)

@@ -12,6 +12,8 @@ incomplete UTF-8 back while streaming (`StreamDecoder`).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ class Tokenizer:
             extra = list(extra.values())
         self.extra_specials = [c for c in (_content(x) for x in extra) if c]
 
+        self._token_bytes: list[bytes] | None = None
         json_path = folder / "tokenizer.json"
         sp_models = sorted(folder.glob("*.model"))
         if json_path.is_file():
@@ -125,6 +128,19 @@ class Tokenizer:
         text = self.backend.decode(list(ids), skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 
+    def bytes_of(self, token_id: int) -> bytes:
+        """`token_bytes()[token_id]`, and no bytes for an id past the tokenizer (a model's padded vocabulary)."""
+        table = self.token_bytes()
+        return table[token_id] if 0 <= token_id < len(table) else b""
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for (a byte-fallback piece is one byte, `▁` a space, a byte-level
+        piece its bytes, a special token its text), so that the bytes of an answer's tokens joined are its
+        UTF-8 text even where one character spans several tokens. Made once."""
+        if self._token_bytes is None:
+            self._token_bytes = [self.backend.token_bytes(i) for i in range(self.vocab_size)]
+        return self._token_bytes
+
     def with_bos_eos(self, ids: list[int]) -> list[int]:
         head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
         tail = [self.eos_id] if self.add_eos and self.eos_id is not None else []
@@ -139,7 +155,30 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE: the printable character standing for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A sentencepiece-style piece: `<0xNN>` is that byte, `▁` a space."""
+    match = BYTE_PIECE.match(piece)
+    return bytes([int(match.group(1), 16)]) if match else piece.replace("▁", " ").encode("utf-8")
+
+
 class _Backend:
+    def token_bytes(self, token_id: int) -> bytes: ...
     def vocab_size(self) -> int: ...
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, token_id: int) -> str: ...
@@ -168,6 +207,18 @@ class _TokenizersBackend(_Backend):
         if self.manual_bos_eos:
             owner.add_bos, owner.add_eos = owner.class_defaults
         self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self._added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
+        self._alphabet = _byte_level_alphabet() if self._byte_level else {}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self.tok.id_to_token(token_id) or ""
+        if self._byte_level:
+            return bytes(self._alphabet.get(c, 0) for c in piece) if all(c in self._alphabet for c in piece) \
+                else piece.encode("utf-8")
+        return _piece_bytes(piece)
 
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -229,6 +280,17 @@ class _SentencePieceBackend(_Backend):
     def vocab_size(self) -> int:
         return max([self.size - 1, *self.by_id]) + 1
 
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.by_id:
+            return self.by_id[token_id].content.replace("▁", " ").encode("utf-8")
+        if not 0 <= token_id < self.size:
+            return b""
+        if self.sp.is_byte(token_id):
+            return _piece_bytes(self.sp.id_to_piece(token_id))
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return self.sp.id_to_piece(token_id).encode("utf-8")
+        return _piece_bytes(self.sp.id_to_piece(token_id))
+
     def token_to_id(self, token: str) -> int | None:
         if token in self.added:
             return self.added[token].id
@@ -279,7 +341,9 @@ class _SentencePieceBackend(_Backend):
         run: list[int] = []
         for token_id in ids:
             token = self.by_id.get(token_id)
-            if token is None and 0 <= token_id < self.size and self.sp.is_control(token_id):
+            if token is None and not 0 <= token_id < self.size:
+                continue  # a padded embedding row the tokenizer has no piece for: no text
+            if token is None and self.sp.is_control(token_id):
                 token = AddedToken(self.sp.id_to_piece(token_id), token_id)  # <s>, </s> of the model itself
             if token is None:
                 run.append(token_id)

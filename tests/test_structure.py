@@ -13,11 +13,11 @@ FLOORS = [  # ground first
     ["errors", "files", "kernels"],
     ["config", "tokenizer"],
     ["model", "prompts", "runtime", "cards", "data"],
-    ["checkpoint", "quantize", "sampling", "scoring"],
+    ["checkpoint", "quantize", "sampling", "scoring", "grammar"],
     ["engine"],
     ["llm", "shapes"],
     ["eval"],
-    ["bench", "train"],
+    ["bench", "train", "serve"],
     ["commands", "cli", "__main__", "__init__"],
 ]
 FLOOR = {room: n for n, rooms in enumerate(FLOORS) for room in rooms}

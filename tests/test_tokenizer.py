@@ -216,3 +216,16 @@ def test_stream_decoder_never_emits_broken_characters(tmp_path: Path) -> None:
         pieces = [decoder.push(i) for i in ids]
         assert all("\ufffd" not in p for p in pieces)
         assert "".join(pieces) == tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mistral", "japanese_stablelm_alpha"])
+def test_ids_past_the_tokenizer_decode_to_nothing(family: str, tokenizer_dirs: dict) -> None:
+    """Models often pad their vocabulary past the tokenizer's pieces (llm-jp-3.1: 99,584 rows for 98,452
+    pieces); sampling may pick such an id, which has no text and no bytes, and must not break decoding."""
+    tok = Tokenizer(tokenizer_dirs[family][0])
+    ids = tok.encode("吾輩は猫である")
+    past = tok.vocab_size + 5
+    assert tok.decode([*ids[:2], past, *ids[2:]]) == tok.decode(ids)
+    assert tok.bytes_of(past) == b"" and tok.bytes_of(ids[0]) == tok.token_bytes()[ids[0]]
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in [*ids[:2], past, *ids[2:]]) + stream.flush() == tok.decode(ids)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,7 @@ from kataru.engine import outputs
 from kataru.engine.runner import Runner, reason
 from kataru.engine.scheduler import Request, Resize, Scheduler
 from kataru.errors import KataruError
+from kataru.grammar import Grammars
 from kataru.model import Transformer
 from kataru.sampling import SamplingParams
 from kataru.tokenizer import Tokenizer
@@ -88,6 +91,7 @@ class Engine:
         if not grow:
             self._resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
         self.tokenizer, self.postprocess = tokenizer, postprocess
+        self.grammars: Grammars | None = None
         self.ids = itertools.count(1)
         self._lock = threading.Lock()  # held by a step
         self._inbox_lock = threading.Lock()  # held only to add or take requests and cancels
@@ -104,7 +108,10 @@ class Engine:
         params.validate()
         if params.stop and self.tokenizer is None:
             raise KataruError("stop strings need text: build the engine with a tokenizer")
+        if params.grammar is not None:
+            self._grammars()  # the vocabulary is compiled once, and a broken grammar is refused now
         request = Request(list(prompt), params, id=next(self.ids))
+        request.times["submitted"] = time.monotonic()
         request.reserved = self.scheduler.reservation(len(prompt), params.max_new_tokens)
         with self._inbox_lock:
             self._inbox.append(request)
@@ -122,6 +129,13 @@ class Engine:
                 self._apply_cancels()
             finally:
                 self._lock.release()
+
+    def _grammars(self) -> Grammars:
+        if self.tokenizer is None:
+            raise KataruError("a grammar needs the engine's tokenizer: build the engine with a tokenizer")
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.eos_ids)
+        return self.grammars
 
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work()
@@ -170,7 +184,13 @@ class Engine:
         for chunk in plan.prefill:
             request = chunk.request
             if request.sampling is None:
-                outputs.start(request, vocab, device, self.tokenizer, self.postprocess)
+                request.times["admitted"] = time.monotonic()
+                try:
+                    outputs.start(request, vocab, device, self.tokenizer, self.postprocess,
+                                  self.grammars if request.params.grammar else None)
+                except Exception as err:
+                    self._fail(request, err)
+                    continue
             try:
                 logits = self.runner.prefill(chunk)
             except Exception as err:
@@ -200,6 +220,8 @@ class Engine:
         except Exception as err:
             self._fail(request, err)
             return Step(request.id, -1, "error")
+        if len(request.tokens) == 1:
+            request.times["first_token"] = time.monotonic()
         if finish is not None:
             self._finish(request, finish)
         elif request.wake is not None:
@@ -211,7 +233,10 @@ class Engine:
         self.scheduler.applied(resize)
 
     def _finish(self, request: Request, finish: str) -> None:
+        request.times["finished"] = time.monotonic()
         self.scheduler.finish(request, finish)
+        if request.on_finish is not None:
+            request.on_finish(request)
         if request.wake is not None:
             request.wake()
 
@@ -273,35 +298,53 @@ class Engine:
             if not request.done:
                 self.cancel(request)
 
-    async def stream(self, request: Request) -> AsyncIterator[int]:
-        """Token ids of one request as they come. Steps run on a worker thread, so the event loop (a
-        server's) stays free while a step computes; `request.wake` tells this loop that there is more."""
+    async def watch(self, requests: list[Request]) -> AsyncIterator[None]:
+        """Yields at once, then each time one of the requests has new tokens or ends, until all have ended.
+        Steps run on the engine's worker thread, so the event loop (a server's) stays free while one
+        computes; a consumer that leaves early (a client gone) cancels the requests not yet finished."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        request.wake = lambda: loop.call_soon_threadsafe(ready.set)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = loop.create_task(self._background())
-        sent = 0
+        for request in requests:
+            request.wake = lambda: loop.call_soon_threadsafe(ready.set)
+        self._start_background(loop)
         try:
             while True:
                 ready.clear()
+                yield
+                if all(r.done for r in requests):
+                    return
+                await ready.wait()
+        finally:
+            for request in requests:
+                request.wake = None
+                if not request.done:
+                    self.cancel(request)
+
+    async def stream(self, request: Request) -> AsyncIterator[int]:
+        """Token ids of one request as they come (see `watch`); raises the request's error if it failed."""
+        sent = 0
+        async with aclosing(self.watch([request])) as updates:  # a consumer gone cancels the request at once
+            async for _ in updates:
                 while sent < len(request.tokens):
                     yield request.tokens[sent]
                     sent += 1
-                if request.done and sent == len(request.tokens):  # a request is done after its last token
-                    break
-                if sent == len(request.tokens):
-                    await ready.wait()
-        finally:
-            request.wake = None
-            if not request.done:  # the consumer went away: free the row
-                self.cancel(request)
         if request.finish_reason == "error":
             raise KataruError(request.error or "the engine failed")
 
-    async def _background(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the engine's worker thread, between steps (work that should not run beside a step)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), fn)
+
+    def _executor(self) -> ThreadPoolExecutor:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kataru-engine")
+        return self._worker
+
+    def _start_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._background())
+
+    async def _background(self) -> None:
+        loop = asyncio.get_running_loop()
         while self.has_work():
-            await loop.run_in_executor(self._worker, self.step)
+            await loop.run_in_executor(self._executor(), self.step)

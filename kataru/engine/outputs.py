@@ -1,7 +1,9 @@
 """What a request makes of its logits: the sampled token, its text so far, and whether it is finished.
 
-`accept` is the one place a request ends by itself: on an eos id (unless ignore_eos), at max_new_tokens or
-a full context, or when a stop string appears in its text. With a tokenizer the engine keeps each
+`accept` is the one place a request ends by itself: on an eos id or one of its stop token ids (unless
+ignore_eos), at max_new_tokens or a full context, or when a stop string appears in its text. It also keeps
+what the request asked to see of each token (its log-probability and the likeliest alternatives) and, for
+a request with a grammar, masks out the tokens the grammar forbids. With a tokenizer the engine keeps each
 request's text as it streams (`TextStream`): whole characters only (byte-fallback pieces wait for the
 rest of their character), the prompt style's postprocessing applied (rinna's `<NL>`), and text that might
 be the start of a stop string held back until it is known not to be one. What was shown is always a
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kataru.engine.scheduler import Request
+from kataru.grammar import Grammars, Matcher
 from kataru.sampling import pick_token, sampling_generator, seen_tokens
 from kataru.tokenizer import StreamDecoder, Tokenizer
 
@@ -71,30 +74,46 @@ class TextStream:
 
 @dataclass
 class SamplingState:
-    """A request's own RNG and the tokens its repetition penalty applies to."""
+    """A request's own RNG, the tokens its penalties apply to, its text and its place in a grammar."""
 
     generator: torch.Generator | None
-    seen: Tensor
+    seen: Tensor  # [V] bool: prompt and answer (the repetition penalty)
+    counts: Tensor | None  # [V] float: how often each token came in the answer (OpenAI's penalties)
     text: TextStream | None
+    matcher: Matcher | None
 
 
 def start(request: Request, vocab: int, device: torch.device, tokenizer: Tokenizer | None,
-          postprocess: Callable[[str], str]) -> None:
+          postprocess: Callable[[str], str], grammars: Grammars | None = None) -> None:
     """Give an admitted request its sampling state (and text stream, when the engine has a tokenizer)."""
-    text = TextStream(tokenizer, request.params.stop, postprocess) if tokenizer is not None else None
-    request.sampling = SamplingState(sampling_generator(request.params, device),
-                                     seen_tokens(request.prompt, vocab, device), text)
+    params = request.params
+    text = TextStream(tokenizer, params.stop, postprocess) if tokenizer is not None else None
+    counts = (torch.zeros(vocab, device=device) if params.frequency_penalty or params.presence_penalty else None)
+    matcher = grammars.matcher(params.grammar) if grammars is not None and params.grammar else None
+    request.sampling = SamplingState(sampling_generator(params, device), seen_tokens(request.prompt, vocab, device),
+                                     counts, text, matcher)
 
 
 def accept(request: Request, logits: Tensor, eos_ids: set[int], context: int) -> str | None:
     """Sample the request's next token from its logits [V] and append it; the finish reason, if it ends."""
     state: SamplingState = request.sampling
     params = request.params
-    token = pick_token(logits, state.seen, params, state.generator)
+    logits = logits.float()
+    allowed = state.matcher.allowed(logits.shape[-1]).to(logits.device) if state.matcher is not None else None
+    token = pick_token(logits, state.seen, params, state.generator, state.counts, allowed)
+    if params.logprobs is not None:  # the model's own distribution, before any sampling step (vLLM's default)
+        logps = logits.log_softmax(-1)
+        top = torch.topk(logps, params.logprobs) if params.logprobs else None
+        request.logprobs.append((float(logps[token]), [] if top is None else
+                                 list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+    if state.matcher is not None:
+        state.matcher.consume(token)
     if token < state.seen.numel():
         state.seen[token] = True
+        if state.counts is not None:
+            state.counts[token] += 1
     request.tokens.append(token)
-    is_eos = token in eos_ids and not params.ignore_eos
+    is_eos = (token in eos_ids or token in params.stop_token_ids) and not params.ignore_eos
     reason = None
     if is_eos:
         reason = "stop"

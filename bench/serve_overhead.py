@@ -1,0 +1,100 @@
+"""What HTTP adds to each streamed token: the same load (N concurrent requests, P-token prompts, O new tokens,
+greedy, eos ignored) run on the engine directly and through `kataru serve` (in this process, on loopback,
+streamed), taking turns; prints both wall times and the difference per generated token against the
+engine's own time per step.
+
+usage: .venv/bin/python bench/serve_overhead.py FOLDER [--quantize int4] [--streams 8] [--prompt-tokens 128]
+                                                [--output-tokens 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_helpers import Threaded
+
+import kataru
+from kataru.sampling import SamplingParams
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def engine_run(llm: kataru.LLM, batch: list[list[int]], new: int) -> tuple[float, int]:
+    """(seconds, steps) for the batch on the engine alone."""
+    params = SamplingParams(max_new_tokens=new, do_sample=False, ignore_eos=True)
+    engine = llm.engine
+    start = time.perf_counter()
+    requests = [engine.submit(p, params) for p in batch]
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    assert all(len(r.tokens) == new for r in requests)
+    return time.perf_counter() - start, steps
+
+
+async def http_run(base: str, batch: list[list[int]], new: int) -> float:
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(prompt: list[int]) -> None:
+            body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, "ignore_eos": True}
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+                async for _ in response.aiter_lines():
+                    pass
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in batch))
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("--quantize", choices=["int8", "int4"])
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    server = Threaded(lambda: kataru.load(args.folder, quantize=args.quantize, max_batch=args.streams,
+                                          progress=False))
+    llm = server.server.llm
+    vocab = llm.tokenizer.vocab_size
+    direct, served, steps = [], [], 0
+    try:
+        for r in range(args.rounds):
+            batch = prompts(args.streams, args.prompt_tokens, vocab, seed=r)
+            seconds, steps = engine_run(llm, batch, args.output_tokens)
+            direct.append(seconds)
+            served.append(asyncio.run(http_run(server.base, prompts(args.streams, args.prompt_tokens, vocab,
+                                                                    seed=100 + r), args.output_tokens)))
+    finally:
+        server.stop()
+    d, s = statistics.median(direct), statistics.median(served)
+    tokens = args.streams * args.output_tokens
+    step = d / steps
+    per_token = (s - d) / tokens
+    print(json.dumps({"folder": args.folder, "quantize": args.quantize, "streams": args.streams,
+                      "engine_s": d, "served_s": s, "steps": steps, "step_ms": 1000 * step,
+                      "http_ms_per_token": 1000 * per_token,
+                      "overhead_per_token_of_step": per_token * args.streams / step}))
+    print(f"{args.streams} streams of {args.prompt_tokens}+{args.output_tokens} tokens, medians of {args.rounds}: "
+          f"engine {d:.2f} s ({steps} steps, {1000 * step:.1f} ms each), through HTTP {s:.2f} s: "
+          f"{1000 * per_token:.2f} ms more per token, {100 * (s - d) / d:.1f}% of the run "
+          f"({100 * per_token * args.streams / step:.1f}% of a step per step's {args.streams} tokens)")
+
+
+if __name__ == "__main__":
+    main()
