@@ -95,3 +95,16 @@ def test_stop_string_hold_back() -> None:
     assert held_back("答えは###", ["### 指示"]) == 3
     assert held_back("答えは#", ["##"]) == 1
     assert held_back("答えは", ["##"]) == 0
+
+
+def test_openai_penalties_follow_the_openai_formula() -> None:
+    from kataru.sampling import apply_openai_penalties
+
+    logits = random_logits(8)[0]
+    counts = torch.zeros(300).index_add_(0, torch.tensor([3, 7, 7, 7]), torch.ones(4))
+    got = apply_openai_penalties(logits, counts, 0.5, 1.5)
+    expected = logits.clone()
+    expected[3] -= 0.5 * 1 + 1.5
+    expected[7] -= 0.5 * 3 + 1.5
+    assert torch.allclose(got, expected)
+    assert apply_openai_penalties(logits, None, 0.5, 1.5) is logits

@@ -411,3 +411,49 @@ def test_bench_serve_loads_a_server_on_loopback_only(live: Process, capsys: pyte
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert main(["bench", "serve", "--url", "http://10.1.2.3:8000"]) == 2
     assert "only loads servers on this machine" in capsys.readouterr().err
+
+
+def test_penalties_and_stop_token_ids(live: Process, llm: kataru.LLM) -> None:
+    c = client(live)
+    plain = c.chat.completions.create(messages=MESSAGES, model="kataru-tiny-ja", temperature=0, max_tokens=30,
+                                      extra_body={"repetition_penalty": 1.0})
+    penalized = c.chat.completions.create(messages=MESSAGES, model="kataru-tiny-ja", temperature=0, max_tokens=30,
+                                          frequency_penalty=2.0, presence_penalty=2.0,
+                                          extra_body={"repetition_penalty": 1.0})
+    expected = llm.complete([MESSAGES], temperature=0, max_new_tokens=30, repetition_penalty=1.0,
+                            frequency_penalty=2.0, presence_penalty=2.0)[0]
+    assert penalized.choices[0].message.content == expected.text != plain.choices[0].message.content
+    first = llm.complete([MESSAGES], temperature=0, max_new_tokens=1)[0].token_ids[0]
+    stopped = c.chat.completions.create(messages=MESSAGES, model="kataru-tiny-ja", temperature=0, max_tokens=30,
+                                        extra_body={"stop_token_ids": [first]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+
+
+def test_access_log_has_ids_status_tokens_and_never_the_prompt(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    for log_prompts in (False, True):
+        server = Threaded(kataru.load, log_prompts=log_prompts)
+        try:
+            with caplog.at_level(logging.INFO, logger="kataru.serve"):
+                caplog.clear()
+                answer = httpx.post(f"{server.base}/v1/completions", timeout=60,
+                                    json={"prompt": "秘密の質問です", "max_tokens": 3, "ignore_eos": True}).json()
+                httpx.get(f"{server.base}/health")
+        finally:
+            server.stop()
+        lines = [r.getMessage() for r in caplog.records if r.name == "kataru.serve"]
+        line = next(x for x in lines if answer["id"] in x)
+        assert " 200 " in line and "prompt_tokens=" in line and "completion_tokens=3" in line and "s" in line
+        assert ("秘密の質問" in "\n".join(lines)) == log_prompts
+        assert any("GET /health 200" in x for x in lines)
+
+
+def test_an_event_stays_on_one_line_whatever_the_text() -> None:
+    """JSON leaves U+2028, U+2029 and NEL raw in strings; clients that split lines as str.splitlines does
+    (httpx) would cut the event in two. They are escaped, and the text comes back the same."""
+    from kataru.serve.app import sse
+
+    text = "改行\u2028段落\u2029次\x85行\n終わり"
+    event = sse({"choices": [{"text": text}]})
+    assert len(event.strip().splitlines()) == 1 and json.loads(event[len("data: "):])["choices"][0]["text"] == text

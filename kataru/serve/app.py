@@ -625,5 +625,10 @@ def finish(request: EngineRequest) -> str:
     return "stop" if request.finish_reason == "stop" else "length"
 
 
+# Characters JSON leaves raw in strings that line-splitting SSE clients (httpx, str.splitlines) take for line
+# breaks, cutting an event in two: escaped, every event stays on one line.
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(event: dict[str, Any]) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(event, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"

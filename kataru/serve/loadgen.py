@@ -35,6 +35,12 @@ class Run:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # why requests failed (the first few distinct reasons)
+
+    def fail(self, reason: str) -> None:
+        self.failed += 1
+        if reason not in self.errors and len(self.errors) < 5:
+            self.errors.append(reason)
 
     def summary(self) -> dict[str, Any]:
         def pct(values: list[float], p: int) -> float | None:
@@ -49,7 +55,7 @@ class Run:
                 "requests_s": self.requests / self.seconds if self.seconds else 0.0,
                 **{f"ttft_p{p}_s": pct(self.ttft, p) for p in (50, 90, 99)},
                 **{f"itl_p{p}_s": pct(self.itl, p) for p in (50, 90, 99)},
-                "itl_mean_s": statistics.fmean(self.itl) if self.itl else None}
+                "itl_mean_s": statistics.fmean(self.itl) if self.itl else None, "errors": self.errors}
 
 
 def free_port() -> int:
@@ -80,15 +86,14 @@ async def one_request(client: Any, url: str, body: dict[str, Any], run: Run) -> 
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
-                await response.aread()
-                run.failed += 1
+                run.fail(f"HTTP {response.status_code}: {(await response.aread())[:200].decode(errors='replace')}")
                 return
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
                 if event.get("error"):  # an error after the headers: the request failed
-                    run.failed += 1
+                    run.fail(str(event["error"].get("message"))[:200])
                     return
                 if event.get("usage"):
                     tokens = event["usage"].get("completion_tokens") or tokens
@@ -98,8 +103,8 @@ async def one_request(client: Any, url: str, body: dict[str, Any], run: Run) -> 
                 now = time.perf_counter()
                 (run.ttft if first else run.itl).append(now - (sent if first else last))
                 first, last, chunks = False, now, chunks + 1
-    except Exception:  # a failed request is counted, the load goes on
-        run.failed += 1
+    except Exception as err:  # a failed request is counted, the load goes on
+        run.fail(f"{type(err).__name__}: {str(err)[:160]}")
         return
     run.requests += 1
     run.output_tokens += tokens or chunks
@@ -196,6 +201,9 @@ def merge(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in group[0]:
             if key in merged:
                 continue
+            if key == "errors":
+                merged[key] = sorted({e for g in group for e in g[key]})
+                continue
             values = [g[key] for g in group if g[key] is not None]
             merged[key] = statistics.median(values) if values else None
         out.append(merged)
@@ -217,6 +225,9 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{ms(r['ttft_p90_s']):>8}{ms(r['ttft_p99_s']):>8}{ms(r['itl_p50_s']):>9}"
                      f"{ms(r['itl_p90_s']):>8}{ms(r['itl_p99_s']):>8}")
     lines.append("(TTFT and ITL in ms)")
+    for r in report["runs"]:
+        for error in r.get("errors") or []:
+            lines.append(f"{r['server']} at {r['concurrency']} streams, a request failed: {error}")
     return "\n".join(lines)
 
 
