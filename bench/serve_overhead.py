@@ -1,10 +1,10 @@
 """What HTTP adds to each streamed token: the same load (N concurrent requests, P-token prompts, O new tokens,
-greedy, eos ignored) run on the engine directly and through `kataru serve` (in this process, on loopback,
-streamed), taking turns; prints both wall times and the difference per generated token against the
-engine's own time per step.
+greedy, eos ignored, no penalties) run on the engine directly and through `kataru serve` (uvicorn in a thread
+of this process, on loopback, streamed, the client in a process of its own at the lowest priority), taking
+turns; prints both wall times and the difference per generated token against the engine's time per step.
 
 usage: .venv/bin/python bench/serve_overhead.py FOLDER [--quantize int4] [--streams 8] [--prompt-tokens 128]
-                                                [--output-tokens 128] [--rounds 3]
+                                                [--output-tokens 128] [--rounds 3] [--loop-nice N]
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,9 +49,12 @@ def engine_run(llm: kataru.LLM, batch: list[list[int]], new: int) -> tuple[float
 
 
 async def http_run(base: str, batch: list[list[int]], new: int) -> float:
+    """The streamed requests, all at once; the sampling of the engine run (no card defaults such as a
+    repetition penalty)."""
     async with httpx.AsyncClient(timeout=600) as client:
         async def one(prompt: list[int]) -> None:
-            body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, "ignore_eos": True}
+            body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, "ignore_eos": True,
+                    "repetition_penalty": 1.0, "top_p": 1.0, "top_k": 0}
             async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
                 async for _ in response.aiter_lines():
                     pass
@@ -57,6 +62,16 @@ async def http_run(base: str, batch: list[list[int]], new: int) -> float:
         start = time.perf_counter()
         await asyncio.gather(*(one(p) for p in batch))
         return time.perf_counter() - start
+
+
+def client(base: str, batch: list[list[int]], new: int) -> float:
+    """http_run in a process of its own at the lowest priority: as near to a client on another machine as one
+    machine allows (its parsing does not run in the server's process, nor ahead of it)."""
+    code = ("import asyncio, json, os, sys; sys.path.insert(0, 'bench'); os.nice(19); import serve_overhead as s; "
+            "a = json.load(sys.stdin); print(asyncio.run(s.http_run(a['base'], a['batch'], a['new'])))")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps({"base": base, "batch": batch, "new": new}),
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return float(done.stdout.split()[-1])
 
 
 def main() -> None:
@@ -67,10 +82,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loop-nice", type=int, default=0, help="niceness of the server's event-loop thread")
     args = parser.parse_args()
     server = Threaded(lambda: kataru.load(args.folder, quantize=args.quantize, max_batch=args.streams,
                                           progress=False))
     llm = server.server.llm
+    if args.loop_nice:
+        os.setpriority(os.PRIO_PROCESS, server.thread.native_id, args.loop_nice)
     vocab = llm.tokenizer.vocab_size
     direct, served, steps = [], [], 0
     try:
@@ -78,8 +96,8 @@ def main() -> None:
             batch = prompts(args.streams, args.prompt_tokens, vocab, seed=r)
             seconds, steps = engine_run(llm, batch, args.output_tokens)
             direct.append(seconds)
-            served.append(asyncio.run(http_run(server.base, prompts(args.streams, args.prompt_tokens, vocab,
-                                                                    seed=100 + r), args.output_tokens)))
+            served.append(client(server.base, prompts(args.streams, args.prompt_tokens, vocab, seed=100 + r),
+                                 args.output_tokens))
     finally:
         server.stop()
     d, s = statistics.median(direct), statistics.median(served)

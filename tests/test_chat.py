@@ -113,10 +113,15 @@ def test_ctrl_c_stops_the_reply_not_the_chat_and_readline_recalls_lines() -> Non
     chat.read_until("(stopped)", after=mark, timeout=30)
     chat.read_until(PROMPT, after=mark + 1)
     mark = chat.type("/reset\n")
-    chat.read_until("(the conversation was reset: 2 messages forgotten)", after=mark)
+    after = chat.read_until("(the conversation was reset: 2 messages forgotten)", after=mark).rindex("forgotten")
+    chat.read_until(PROMPT, after=after)
+    # keys sent before readline has the terminal are echoed by the terminal itself: wait for the prompt (above)
+    # and give readline a moment to enter its loop (CPython's readline notices a signal only there as well)
+    time.sleep(0.5)
     mark = chat.type(b"\x1b[A\n")  # the up arrow recalls /reset (readline's history), Enter sends it again
-    chat.read_until("(the conversation was reset: 0 messages forgotten)", after=mark)
-    chat.read_until(PROMPT, after=mark + 1)
+    after = chat.read_until("(the conversation was reset: 0 messages forgotten)", after=mark).rindex("forgotten")
+    chat.read_until(PROMPT, after=after)
+    time.sleep(0.5)
     mark = chat.type(b"\x03")  # Ctrl-C at the prompt: a fresh line and a new prompt, not the end
     chat.read_until(PROMPT, after=mark)
     chat.type("/exit\n")

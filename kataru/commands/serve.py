@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> None:
     serve_log = logging.getLogger("kataru.serve")
     serve_log.addHandler(handler)
     serve_log.setLevel(logging.INFO)
-    serve_log.info("kataru serve: %s as %r on http://%s:%d (%s)", folder, settings.served_model_name, args.host,
-                   args.port, "API key required" if keys else "no API key")
+    serve_log.info("kataru serve: %s as %r on http://%s:%d (%s); the chat page: http://%s:%d/", folder,
+                   settings.served_model_name, args.host, args.port, "API key required" if keys else "no API key",
+                   args.host, args.port)
     config = uvicorn.Config(create_app(load_model, settings), host=args.host, port=args.port, access_log=False,
                             log_level="warning", timeout_graceful_shutdown=args.grace, lifespan="on")
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found: a

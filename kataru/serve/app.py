@@ -18,10 +18,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from kataru.engine import Request as EngineRequest
 from kataru.errors import KataruError
@@ -40,7 +41,8 @@ from kataru.serve.protocol import (
 )
 
 log = logging.getLogger("kataru.serve")
-PUBLIC = {"/health"}
+PUBLIC = {"/health", "/", "/page/markdown-it.min.js"}  # the page holds no secrets; it asks for the key itself
+PAGE = Path(__file__).with_name("page")
 
 
 @dataclass
@@ -107,6 +109,22 @@ def create_app(load: Callable[[], LLM], settings: Settings) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """The chat page. Its own scripts run by nonce; nothing else may run or load from elsewhere."""
+        nonce = secrets.token_urlsafe(16)
+        html = (PAGE / "index.html").read_text("utf-8").replace("{{nonce}}", nonce)
+        policy = (f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'nonce-{nonce}'; "
+                  "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+                  "frame-ancestors 'none'")
+        return HTMLResponse(html, headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache",
+                                           "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/page/markdown-it.min.js", include_in_schema=False)
+    async def markdown_it() -> FileResponse:
+        return FileResponse(PAGE / "markdown-it.min.js", media_type="text/javascript",
+                            headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health")
     async def health() -> JSONResponse:
