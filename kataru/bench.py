@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kataru import kernels
+from kataru import dispatch, kernels
 from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
@@ -212,16 +212,18 @@ def contestants(setup: Setup, quantize: list[str], compile: bool) -> dict[str, C
     model = setup.model
 
     def torch_mm() -> Result:
-        with kernels.disabled():
+        with kernels.disabled(), dispatch.forced("torch"):  # torch's matmuls (its 16-bit GEMM too) and SDPA
             return measure_kataru(setup, "kataru torch mm", model)
 
     def quantized(method: str, compiled: bool) -> Result:
         # quantized anew each round rather than kept: a 7B model's quantized copies do not fit beside it
         copy = quantize_model(model, method, inplace=False)
+        if setup.device == "cpu":
+            dispatch.prepare(copy)
         return measure_kataru(setup, f"kataru {method}" + (" compiled" if compiled else ""), copy, compiled)
 
     runs: dict[str, Callable[[], Result]] = {"kataru": lambda: measure_kataru(setup, "kataru", model)}
-    if half_kernel(model):
+    if half_kernel(model) or (model.tok_embeddings.weight.dtype in kernels.HALF and setup.device == "cpu"):
         runs["kataru torch mm"] = torch_mm
     if compile:
         runs["kataru compiled"] = lambda: measure_kataru(setup, "kataru compiled", model, True)
@@ -269,6 +271,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
     setup = build(target, dtype, layers, compare == "transformers", device, prompt_len, new_tokens, context)
     model, config = setup.model, setup.model.config
+    plans = dispatch.prepare(model, progress) if torch.device(device).type == "cpu" else {}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # a decode step reads every weight except the embedding table (only one row of it)
     step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
@@ -286,7 +289,8 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,
         "torch": torch.__version__, "half_kernel": half_kernel(model), "device": device, "rounds": rounds,
-        "results": [asdict(r) for r in results],
+        "results": [asdict(r) for r in results], "cpu": dispatch.cpu(), "dispatch": dispatch.mode(),
+        "plan": dispatch.table(plans),
     }
     if torch.device(device).type == "cuda":
         report["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -296,6 +300,37 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         report["ratios"] = {"prefill": k.prefill_tok_s / t.prefill_tok_s, "decode_b1": k.decode_b1_tok_s /
                             t.decode_b1_tok_s, "decode_b8": k.decode_b8_tok_s / t.decode_b8_tok_s}
     return report
+
+
+def plan_report(target: str, dtype: str = "bfloat16", layers: int | None = None, quantize: list[str] | None = None,
+                threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The dispatch plan for the model's layers (and its quantized copies): every candidate's time per bucket
+    and the path that runs (`kataru bench --plan`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(target, dtype, layers, False, "cpu", 16, 2, 16).model
+    plans = dict(dispatch.prepare(model, progress))
+    for method in quantize or []:
+        plans.update(dispatch.prepare(quantize_model(model, method, inplace=False), progress))
+    return {"target": target, "cpu": dispatch.cpu(), "torch": torch.__version__, "dispatch": dispatch.mode(),
+            "plan_file": str(dispatch.plan_file()), "plan": dispatch.table(plans)}
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    cpu = report["cpu"]
+    lines = [f"{cpu['model']}, {cpu['cores']} cores, {cpu['threads']} threads, torch {report['torch']} "
+             f"({cpu['torch_capability']}; {' '.join(cpu['features']) or 'no SIMD features found'})",
+             f"KATARU_DISPATCH={report['dispatch']}; plans cached in {report['plan_file']}", ""]
+    if not report["plan"]:
+        lines.append("no plan: float32 weights, or KATARU_DISPATCH is kernels or torch (the fixed rules)")
+        return "\n".join(lines)
+    header = f"{'kind':<10}{'shape':<13}{'rows':>5}  {'candidates, ms per call':<50}{'runs':<10}{'invariant':<10}"
+    lines += [header, "-" * len(header)]
+    for row in report["plan"]:
+        times = "  ".join(f"{path} {ms:.3f}" for path, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]))
+        lines.append(f"{row['kind']:<10}{row['shape']:<13}{row['rows']:>5}  {times:<50}{row['runs'] or '-':<10}"
+                     f"{row['batch_invariant'] or '-':<10}")
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:

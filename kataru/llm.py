@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kataru import cards
+from kataru import cards, dispatch
 from kataru.checkpoint import load_weights
 from kataru.config import ModelConfig, read_config_file
 from kataru.engine import Engine, Request
@@ -49,10 +49,11 @@ class LLM:
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
                  progress: bool | None = None, quantize: str | None = None, compile: bool = False,
                  max_batch: int = 8, max_cache_tokens: int | None = None,
-                 idle_cache_tokens: int | None = None) -> None:
+                 idle_cache_tokens: int | None = None, batch_invariant: bool = False) -> None:
         """max_batch: requests decoded together; max_cache_tokens: the KV cache's budget in tokens (default
         max_batch x the context); idle_cache_tokens: what the cache keeps when no call runs (default one
-        context's worth, the conversation of a chat)."""
+        context's worth, the conversation of a chat); batch_invariant: one matmul path for every decode batch
+        size, so that a request decodes to the same bits alone or batched (`kataru.dispatch`)."""
         folder = Path(folder)
         if not folder.is_dir():
             if folder == DEFAULT_MODEL:
@@ -72,6 +73,8 @@ class LLM:
             self.model = load_weights(folder, self.config, resolve_dtype(dtype, self.config), device, progress)
             if quantize:
                 quantize_model(self.model, quantize)
+        if torch.device(device).type == "cpu":  # which matmul path runs each kind of layer here (measured once per CPU)
+            dispatch.prepare(self.model, progress=bool(progress))
         self.dtype = self.model.tok_embeddings.weight.dtype
         self.quantization: str | None = getattr(self.model, "quantization", None)
         generation_config = read_json(folder / "generation_config.json", "fix or delete it", default={})
@@ -80,7 +83,7 @@ class LLM:
         self.defaults = SamplingParams().updated(**sampling)
         self.engine = Engine(self.model, self._eos_ids(generation_config), max_batch=max_batch,
                              max_cache_tokens=max_cache_tokens, compile=compile, tokenizer=self.tokenizer,
-                             postprocess=self.prompt_style.postprocess, grow=True,
+                             postprocess=self.prompt_style.postprocess, grow=True, batch_invariant=batch_invariant,
                              idle_cache_tokens=self.config.max_seq_len if idle_cache_tokens is None
                              else idle_cache_tokens)
 
@@ -124,6 +127,8 @@ class LLM:
             "kv_cache": {"bytes_per_token": bytes_per_token, "bytes": stats["cache_bytes"],
                          "rows": stats["cache_rows"], "slots": stats["cache_slots"],
                          "budget_tokens": stats["budget_tokens"]},
+            "cpu": dispatch.cpu(),
+            "dispatch": {"mode": dispatch.mode(), "plan": dispatch.table(dispatch.plans_for(self.model))},
         }
 
     # --- prompts ---------------------------------------------------------------------------------
@@ -243,7 +248,8 @@ def prompt_style_of(folder: Path, tokenizer: Tokenizer, name: str | None = None)
 
 def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
          progress: bool | None = None, quantize: str | None = None, compile: bool = False,
-         max_batch: int = 8, max_cache_tokens: int | None = None, idle_cache_tokens: int | None = None) -> LLM:
+         max_batch: int = 8, max_cache_tokens: int | None = None, idle_cache_tokens: int | None = None,
+         batch_invariant: bool = False) -> LLM:
     """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
 
     compile: run the one-token decode step through torch.compile (eager fallback when unavailable).
@@ -252,4 +258,4 @@ def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "c
     """
     return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
                progress=progress, quantize=quantize, compile=compile, max_batch=max_batch,
-               max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens)
+               max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens, batch_invariant=batch_invariant)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kataru import kernels
+from kataru import dispatch, kernels
 from kataru.config import ModelConfig
 
 ACTIVATIONS = {
@@ -35,24 +35,53 @@ ACTIVATIONS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear with two CPU paths for bf16 and fp16, where torch's own 16-bit matmuls are slow (AVX2, no
-    native bf16 or fp16 arithmetic).
+    """nn.Linear with three CPU paths for bf16 and fp16 weights, chosen per call by `kataru.dispatch`:
 
-    Many rows (prefill): torch's bf16 GEMM is compute-bound (a 512-token prefill of the llm-jp-3.1-1.8b
-    shape measured 7 tok/s); the fp32 GEMM on the weight converted to float32 is 6x faster from 64 rows up
-    (`upcast_matmul`). Few rows (decode): `kataru.kernels` streams the 16-bit weights once for the whole
-    batch, where torch's time grows with every row.
+    - "kernel": `kataru.kernels` streams the 16-bit weights once for all rows of a decode batch, where
+      torch's time grows with every row on AVX2 without native bf16;
+    - "upcast": the float32 GEMM on the weight converted a tile at a time (`upcast_matmul`): on AVX2, prompts
+      go 6x faster than torch's bf16 GEMM (a 512-token prefill of the llm-jp-3.1-1.8b shape measured 7 tok/s);
+    - "torch": torch's own 16-bit matmul, which oneDNN runs on AMX or AVX512-BF16 where the CPU has them.
+
+    The fixed rule (no plan, `KATARU_DISPATCH=kernels`): the kernel below `upcast_rows` rows, then upcast.
     """
 
     upcast_rows = 32
+    paths = ("kernel", "upcast", "torch")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype in kernels.HALF and self.weight.dtype == x.dtype:
-            if x.numel() // x.shape[-1] >= self.upcast_rows:
-                return upcast_matmul(x, self.weight, self.bias)
-            if kernels.usable(x, self.weight):
-                return kernels.linear_half(x, self.weight, self.bias)
+            return self.run(dispatch.choose(self, x), x)
         return super().forward(x)
+
+    @property
+    def plan_kind(self) -> str | None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.weight.dtype)
+
+    @property
+    def plan_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def can_run(self, path: str, x: Tensor) -> bool:
+        return path != "kernel" or kernels.usable(x, self.weight)
+
+    def run(self, path: str, x: Tensor) -> Tensor:
+        if path == "kernel":
+            return kernels.linear_half(x, self.weight, self.bias)
+        if path == "upcast":
+            return upcast_matmul(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def default_path(self, x: Tensor, rows: int) -> str:
+        if rows >= self.upcast_rows:
+            return "upcast"
+        return "kernel" if kernels.usable(x, self.weight) else "torch"
+
+    def torch_path(self, x: Tensor, rows: int) -> str:
+        return "torch"
+
+    def reference_weight(self) -> Tensor:
+        return self.weight.detach().float()
 
 
 _upcast_scratch = threading.local()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kataru import kernels
+from kataru import dispatch, kernels
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
 from kataru.files import atomic_output, read_json, write_json
@@ -30,6 +30,7 @@ from kataru.model import Linear, Transformer
 from kataru.runtime import DTYPES, resolve_dtype
 
 METHODS = ("int8", "int4")
+SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f32"}  # activation types in plan kinds
 
 
 class Int8Linear(nn.Module):
@@ -69,24 +70,58 @@ class Int8Linear(nn.Module):
         """The int8 values as [out, in]."""
         return kernels.untile_int8(self.weight) if self.tiled else self.weight
 
+    # --- paths (`kataru.dispatch` picks one per call) --------------------------------------------------
+    paths = ("kernel", "torch", "dequant", "dequant16")
+
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        rows = x.numel() // shape[-1]
-        cpu = x.device.type == "cpu"
-        if cpu and (rows < Linear.upcast_rows or self.tiled) and kernels.usable(x, self.weight):
+        if x.device.type != "cpu":
+            return self.run("torch", x)
+        return self.run(dispatch.choose(self, x), x)
+
+    @property
+    def plan_kind(self) -> str:
+        return "int8-" + SHORT[self.scales.dtype]
+
+    @property
+    def plan_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def can_run(self, path: str, x: Tensor) -> bool:
+        if path == "kernel":
+            return kernels.usable(x, self.weight)
+        if path == "torch":  # torch 2.13's int8 kernel crashes on several rows of a width not a multiple of 8
+            return not x.requires_grad and x.shape[-1] % 8 == 0
+        return path == "dequant" or x.dtype in kernels.HALF
+
+    def run(self, path: str, x: Tensor) -> Tensor:
+        if path == "kernel":
             return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, tiled=self.tiled)
-        # otherwise on CPU: dequantize, fp32 GEMM; also widths torch's int8 kernel mishandles (it crashes on
-        # several rows of a width that is not a multiple of 8, torch 2.13)
-        if cpu and (rows >= Linear.upcast_rows or shape[-1] % 8 or x.requires_grad):
-            weight = self.plain_weight().float() * self.scales.float().unsqueeze(1)
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), weight, bias).to(x.dtype)
+        if path in ("dequant", "dequant16"):  # the weight in float32 (or x's 16-bit type), then one GEMM
+            dtype = torch.float32 if path == "dequant" else x.dtype
+            weight = (self.plain_weight().float() * self.scales.float().unsqueeze(1)).to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), weight, bias).to(x.dtype)
+        shape = x.shape
         if self.plain is None or self.plain.device != x.device:
             self.plain = self.plain_weight().contiguous() if self.tiled else self.weight
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.plain, scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def default_path(self, x: Tensor, rows: int) -> str:
+        """The fixed rule: the kernel for decode rows (and prompts in the tiled layout), else float32."""
+        if (rows < Linear.upcast_rows or self.tiled) and kernels.usable(x, self.weight):
+            return "kernel"
+        if rows >= Linear.upcast_rows or not self.can_run("torch", x):
+            return "dequant"
+        return "torch"
+
+    def torch_path(self, x: Tensor, rows: int) -> str:
+        return "torch" if self.can_run("torch", x) else "dequant"
+
+    def reference_weight(self) -> Tensor:
+        return self.plain_weight().float() * self.scales.float().unsqueeze(1)
 
 
 def int4_group_size(in_features: int, wanted: int) -> int:
@@ -158,23 +193,58 @@ class Int4Linear(nn.Module):
             self.scale_min = kernels.int4_scale_min(scales, zeros - 8 * scales)
         return self.scale_min
 
+    # --- paths (`kataru.dispatch` picks one per call) --------------------------------------------------
+    paths = ("kernel", "torch", "dequant", "dequant16")
+
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.run("torch", x)
+        return self.run(dispatch.choose(self, x), x)
+
+    @property
+    def plan_kind(self) -> str:
+        return "int4-" + SHORT[self.scales_and_zeros.dtype]
+
+    @property
+    def plan_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def can_run(self, path: str, x: Tensor) -> bool:
+        if path == "kernel":
+            return kernels.usable(x, self.qweight)
+        if path == "torch":
+            return not x.requires_grad
+        return path == "dequant" or x.dtype in kernels.HALF
+
+    def run(self, path: str, x: Tensor) -> Tensor:
+        if path == "kernel":
+            return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
+        if path in ("dequant", "dequant16"):  # the weight in float32 (or x's 16-bit type), then one GEMM
+            dtype = torch.float32 if path == "dequant" else x.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), self.dequantize().to(dtype), bias).to(x.dtype)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        cpu = x.device.type == "cpu"
-        if cpu and kernels.usable(x, self.qweight):
-            return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
-        if cpu and (flat.shape[0] >= Linear.upcast_rows or x.requires_grad):  # dequantize once, fp32 GEMM
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
         packed = self._torch_packed(x.device)
         sz = self.scales_and_zeros.to(flat.dtype)
-        if cpu:
+        if x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
         else:
             y = torch.ops.aten._weight_int4pack_mm(flat, packed, self.group_size, sz)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def default_path(self, x: Tensor, rows: int) -> str:
+        """The fixed rule: the kernel wherever it runs, else float32 for prompts and torch's for decode."""
+        if kernels.usable(x, self.qweight):
+            return "kernel"
+        return "dequant" if rows >= Linear.upcast_rows or x.requires_grad else "torch"
+
+    def torch_path(self, x: Tensor, rows: int) -> str:
+        return "torch" if self.can_run("torch", x) else "dequant"
+
+    def reference_weight(self) -> Tensor:
+        return self.dequantize()
 
 
 def _int4_fits(linear: nn.Linear, method: str) -> bool:

@@ -3,11 +3,16 @@ training corpus."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import FAMILIES, build_tokenizer, make_checkpoint
+
+# The fixed matmul rule unless a test says otherwise: plans measured on tiny shapes would make the paths (and the
+# bits) depend on timing noise. tests/test_dispatch.py runs the measured plans.
+os.environ.setdefault("KATARU_DISPATCH", "kernels")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, taking turns, and report medians")
     p.add_argument("--quantize", help="also measure kataru with these, comma-separated: int8,int4")
+    p.add_argument("--plan", action="store_true",
+                   help="print the matmul path chosen for each kind of layer on this CPU, with every candidate's "
+                        "time (with --quantize: for the quantized layers too), and stop")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", help="write a PNG chart here")
     serve = p.add_argument_group("kataru bench serve")
@@ -47,8 +50,14 @@ def run(args: argparse.Namespace) -> None:
         return
     import json
 
-    from kataru.bench import format_table, plot, run_bench
+    from kataru.bench import format_plan, format_table, plan_report, plot, run_bench
     from kataru.llm import DEFAULT_MODEL
+
+    if args.plan:
+        plan = plan_report(args.target or str(DEFAULT_MODEL), dtype=args.dtype, layers=args.layers,
+                           quantize=[m for m in (args.quantize or "").split(",") if m], threads=args.threads)
+        print(json.dumps(plan) if args.json else format_plan(plan))
+        return
 
     report = run_bench(args.target or str(DEFAULT_MODEL), dtype=args.dtype, layers=args.layers,
                        compare=args.compare, prompt_len=args.prompt_tokens or 512, new_tokens=args.new_tokens,

@@ -21,6 +21,8 @@ def add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first step; eager fallback if unavailable)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="one matmul path for every batch size: a request decodes to the same bits alone or batched")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                 prompt_style=getattr(args, "prompt_style", None), quantize=args.quantize,
-                compile=getattr(args, "compile", False))
+                compile=getattr(args, "compile", False), batch_invariant=getattr(args, "batch_invariant", False))
 
 
 def add_train_config(p: argparse.ArgumentParser, **defaults: Any) -> None:

@@ -24,6 +24,12 @@ def run(args: argparse.Namespace) -> None:
     for key, value in info.items():
         if key == "parameters":
             value = f"{value:,}"
+        elif key == "cpu":
+            value = (f"{value['model']}, {value['cores']} cores, {value['threads']} threads, torch "
+                     f"{value['torch_capability']}, {' '.join(value['features']) or 'no SIMD features found'}")
+        elif key == "dispatch":
+            runs = "; ".join(f"{r['kind']} rows {r['bucket']}: {r['runs']}" for r in value["plan"])
+            value = f"{value['mode']}: {runs or 'the fixed rule'}"
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         print(f"{key:<{width}}  {value}")

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="one matmul path for every batch size: a request decodes to the same bits alone or batched")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond, 429")
     p.add_argument("--kv-budget", type=int, help="KV-cache tokens reserved at most (default: max-num-seqs x the "
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     def load_model():  # type: ignore[no-untyped-def]
         return load(folder, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
                     max_batch=args.max_num_seqs, max_cache_tokens=args.kv_budget,
-                    idle_cache_tokens=args.kv_budget or 1 << 40, progress=False)
+                    idle_cache_tokens=args.kv_budget or 1 << 40, progress=False, batch_invariant=args.batch_invariant)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

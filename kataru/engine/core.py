@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kataru import dispatch
 from kataru.engine import outputs
 from kataru.engine.runner import Runner, reason
 from kataru.engine.scheduler import Request, Resize, Scheduler
@@ -70,7 +71,7 @@ class Engine:
                  max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
                  prefix_reuse: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  tokenizer: Tokenizer | None = None, postprocess: Callable[[str], str] = str,
-                 grow: bool = False, idle_cache_tokens: int | None = None) -> None:
+                 grow: bool = False, idle_cache_tokens: int | None = None, batch_invariant: bool = False) -> None:
         """max_batch rows of row_len slots (default: the model's context); a request must fit in one row.
 
         max_cache_tokens: the budget of reserved tokens (default max_batch * row_len).
@@ -79,9 +80,13 @@ class Engine:
             style's mapping of generated text, rinna's `<NL>`).
         grow: start with an empty cache and grow it as requests need (else allocate it all now);
             idle_cache_tokens: with grow, shrink to at most this many cache tokens when nothing runs.
+        batch_invariant: one matmul path for every decode batch size from now on in this process, so that a
+            request decodes to the same bits alone or batched whatever the dispatch plan prefers.
         """
         self.model = model
         self.eos_ids = set(eos_ids)
+        if batch_invariant:
+            dispatch.batch_invariant(True)
         self.context = model.config.max_seq_len
         row_len = min(row_len or self.context, self.context)
         budget = max_cache_tokens or max_batch * row_len

@@ -1,0 +1,350 @@
+"""Which matmul path runs each kind of linear layer on this CPU, chosen by measurement.
+
+kataru's kernels were tuned on AVX2 without native bf16; on a CPU with AMX or AVX512-BF16, torch's own bf16
+GEMM (oneDNN) can be several times faster for prompts, and on others the reverse. So for each kind of weight
+(bf16, fp16, int8, int4) and each row count bucket (decode rows 1, 2-8, 9-64; prompt chunks) the layers'
+candidate paths are timed once on the model's own largest weight shape of that kind (a few seconds), the
+fastest whose results agree with a float64 reference is kept, and the plan is cached per CPU model, core
+count, torch threads and torch version beside the compiled kernels.
+
+`KATARU_DISPATCH` overrides: `cached` (the default: the cached plan, measured when missing or unreadable),
+`measure` (measure again now), `kernels` (kataru's fixed rule: its kernels for decode, the float32 GEMM for
+prompts) and `torch` (torch's own paths everywhere).
+
+Batch invariance: a request decodes to the same bits alone or batched when one path that gives each row the
+same bits at every row count serves every decode batch: kataru's kernels are made so; torch's paths promise
+nothing of the kind. A plan keeps the kernels for every decode bucket when that costs at most
+`INVARIANCE_COST` in each; `batch_invariant(True)` (`Engine(batch_invariant=True)`, `--batch-invariant`)
+keeps them whatever it costs (without the kernels: one torch path for all decode row counts, the best one can
+do). Prompts are unaffected: a prompt's chunks do not depend on its neighbours.
+
+A layer that takes part offers `paths` (names), `can_run(path, x)`, `run(path, x)`, `default_path(x, rows)`
+(the fixed rule), `torch_path(x, rows)` and `plan_kind` (e.g. "bf16"), `plan_shape`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from kataru import kernels
+from kataru.files import write_atomic
+
+BUCKETS = ("1", "2-8", "9-64", "prompt")
+DECODE = BUCKETS[:3]
+ROWS = {"1": 1, "2-8": 8, "9-64": 32, "prompt": 128}  # the rows each bucket is timed with (prompt: a chunk)
+MODES = ("cached", "measure", "kernels", "torch")
+INVARIANT = "kernel"  # kataru's kernels give a row the same bits in any batch; torch's paths promise nothing
+INVARIANCE_COST = 0.10  # one decode path for every bucket when it is at most this much slower in each
+TOLERANCE = 0.02  # relative error (Frobenius) against float64 that a path may have; the kernels' bounds are tighter
+VERSION = 1
+HEAD_ROWS = 32000  # wider layers are vocabulary heads: timed only when the model has nothing else of the kind
+
+
+class Planned(Protocol):
+    paths: tuple[str, ...]
+    plan_kind: str
+
+    @property
+    def plan_shape(self) -> tuple[int, int]: ...
+    def can_run(self, path: str, x: Tensor) -> bool: ...
+    def run(self, path: str, x: Tensor) -> Tensor: ...
+    def default_path(self, x: Tensor, rows: int) -> str: ...
+    def torch_path(self, x: Tensor, rows: int) -> str: ...
+    def reference_weight(self) -> Tensor: ...
+
+
+@dataclass
+class Plan:
+    """The measured times (ms) of every candidate per bucket, and the paths chosen from them."""
+
+    key: str
+    ms: dict[str, dict[str, float]]
+    mixed: dict[str, str] = field(default_factory=dict)  # the fastest per bucket
+    uniform: dict[str, str] = field(default_factory=dict)  # one decode path for all decode buckets
+
+    def __post_init__(self) -> None:
+        if not self.mixed:
+            self.mixed = {b: min(times, key=times.get) for b, times in self.ms.items() if times}
+        if not self.uniform:
+            self.uniform = dict(self.mixed)
+            common = set.intersection(*(set(self.ms.get(b, {})) for b in DECODE))
+            if INVARIANT in common:  # the one path made to give every row the same bits in any batch
+                self.uniform.update(dict.fromkeys(DECODE, INVARIANT))
+            elif common:  # else the least summed slowdown (torch promises no invariance across row counts)
+                best = {b: min(self.ms[b].values()) for b in DECODE}
+                one = min(sorted(common), key=lambda p: sum(self.ms[b][p] / best[b] for b in DECODE))
+                self.uniform.update(dict.fromkeys(DECODE, one))
+
+    @property
+    def invariant_cost(self) -> float:
+        """How much slower (at worst, over the decode buckets) one decode path is than the fastest of each."""
+        return max((self.ms[b][self.uniform[b]] / self.ms[b][self.mixed[b]] - 1 for b in DECODE
+                    if b in self.ms and b in self.uniform and b in self.mixed), default=0.0)
+
+    def path(self, bucket: str, invariant: bool) -> str | None:
+        chosen = self.uniform if invariant or self.invariant_cost <= INVARIANCE_COST else self.mixed
+        return chosen.get(bucket)
+
+    def fits(self, paths: tuple[str, ...]) -> bool:
+        """Every bucket measured, and only paths the layer has (else the plan is from another kataru)."""
+        named = {p for times in self.ms.values() for p in times} | set(self.mixed.values()) | set(self.uniform.values())
+        return set(self.ms) == set(BUCKETS) and named <= set(paths)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ms": self.ms, "mixed": self.mixed, "uniform": self.uniform}
+
+
+_state: dict[str, Any] = {"mode": None, "invariant": False, "plans": {}, "kinds": {}}
+
+
+def mode() -> str:
+    if _state["mode"] is None:
+        value = os.environ.get("KATARU_DISPATCH", "cached").strip().lower() or "cached"
+        if value not in MODES:
+            print(f"kataru: KATARU_DISPATCH={value!r} is not one of {', '.join(MODES)}; using cached",
+                  file=sys.stderr)
+            value = "cached"
+        _state["mode"] = value
+    return _state["mode"]
+
+
+def reset() -> None:
+    """Forget the plans in memory and read KATARU_DISPATCH again (tests, benchmarks)."""
+    _state.update(mode=None, invariant=False, plans={}, kinds={})
+
+
+def batch_invariant(on: bool = True) -> None:
+    """One path for every decode row count from now on in this process (a request's bits do not depend on
+    its batch); off again only through `reset`."""
+    _state["invariant"] = _state["invariant"] or on
+
+
+@contextlib.contextmanager
+def forced(how: str) -> Iterator[None]:
+    """KATARU_DISPATCH=how inside the block (a benchmark's "torch's paths" contestant)."""
+    assert how in MODES, how
+    saved = mode()
+    _state["mode"] = how
+    try:
+        yield
+    finally:
+        _state["mode"] = saved
+
+
+def bucket(rows: int) -> str:
+    return "1" if rows <= 1 else "2-8" if rows <= 8 else "9-64" if rows <= 64 else "prompt"
+
+
+def choose(layer: Planned, x: Tensor) -> str:
+    """The path for this call: the plan's where one was made for this kind of layer and the path can run now,
+    else the fixed rule."""
+    rows = x.numel() // x.shape[-1]
+    how = mode()
+    if how == "torch":
+        return layer.torch_path(x, rows)
+    plan = _state["plans"].get(plan_key(layer)) or _state["kinds"].get(layer.plan_kind)
+    if how != "kernels" and plan is not None:
+        path = plan.path(bucket(rows), _state["invariant"])
+        if path is not None and layer.can_run(path, x):
+            return path
+    return layer.default_path(x, rows)
+
+
+def plan_key(layer: Planned) -> str:
+    n, k = layer.plan_shape
+    return f"{layer.plan_kind}:{n}x{k}"
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+def cpu() -> dict[str, Any]:
+    """What kataru knows of this CPU: its name, cores, torch's SIMD level and the instruction sets that matter."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve", "sve2")
+    return {"model": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "features": [f for f in wanted if f in flags], "kernels": kernels.available("linear")}
+
+
+def plan_file() -> Path:
+    c = cpu()
+    slug = "".join(ch if ch.isalnum() else "-" for ch in c["model"]).strip("-").lower()[:60] or "cpu"
+    return kernels.cache_dir().parent / "plans" / f"{slug}-{c['cores']}c-{c['threads']}t-torch{torch.__version__}.json"
+
+
+def read_plans(path: Path) -> dict[str, Plan]:
+    """The plans in a cache file; {} when it is missing, corrupt or of another version (measured again)."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != VERSION:
+            return {}
+        plans = {}
+        for key, entry in data["plans"].items():
+            ms = {b: {p: float(t) for p, t in times.items()} for b, times in entry["ms"].items() if b in BUCKETS}
+            plan = Plan(key, ms, dict(entry["mixed"]), dict(entry["uniform"]))
+            if set(plan.mixed) - set(BUCKETS) or any(p not in ms.get(b, {}) for b, p in plan.mixed.items()) or \
+                    any(p not in ms.get(b, {}) for b, p in plan.uniform.items()):
+                return {}
+            plans[key] = plan
+        return plans
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_plans(path: Path, plans: dict[str, Plan]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"version": VERSION, "cpu": cpu(), "torch": torch.__version__,
+            "plans": {key: plan.to_json() for key, plan in sorted(plans.items())}}
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def time_path(layer: Planned, path: str, x: Tensor, budget: float = 0.08, best: float = float("inf")) -> float:
+    """Milliseconds of one call: the least of a few within `budget` seconds, or the first call alone when it is
+    already far slower than `best` (a path that has lost is not timed on)."""
+    start = time.perf_counter()
+    layer.run(path, x)  # also warms: packing, caches, first-call allocations
+    first = time.perf_counter() - start
+    if 1000 * first > 4 * best:
+        return 1000 * first
+    times: list[float] = []
+    spent = 0.0
+    while not times or (spent < budget and len(times) < 20):
+        start = time.perf_counter()
+        layer.run(path, x)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return 1000 * min(times)
+
+
+def error_bound(x: Tensor, weight: Tensor, exact: Tensor) -> Tensor:
+    """The bound of kataru's quantized kernels' tests against float64, per output: each input off by half its
+    int8 block step h (kernels that quantize activations), every term of sum (|x| + h)|w| off by a 16-bit
+    rounding (weights, scales and minimums stored in bf16), the result rounded once (2^-7 covers bf16's 2^-8
+    with room)."""
+    rows, k = x.shape
+    blocks = torch.nn.functional.pad(x.float().abs(), (0, (-k) % 64)).reshape(rows, -1, 64)
+    h = (blocks.amax(-1, keepdim=True) / 127 / 2).expand_as(blocks).reshape(rows, -1)[:, :k]
+    magnitude = weight.abs().t()
+    return 2**-7 * exact.abs() + (h @ magnitude + 2**-8 * ((x.float().abs() + h) @ magnitude)).double()
+
+
+def agrees(layer: Planned, path: str, x: Tensor, exact: Tensor, bound: Tensor) -> bool:
+    y = layer.run(path, x).double()
+    return bool(torch.isfinite(y).all()) and bool(((y - exact).abs() <= bound).all())
+
+
+PROMPT_PATHS = {"upcast", "dequant", "dequant16"}  # convert the whole weight per call: only worth it for many rows
+
+
+def measure(layer: Planned, dtype: torch.dtype, buckets: tuple[str, ...] = BUCKETS,
+            slow: dict[str, float] | None = None) -> Plan:
+    """Time every path the layer can run, per bucket, on random inputs of `dtype` (the fixed rule's path
+    first); `slow` adds seconds to a path's calls (tests: a candidate made slow on purpose)."""
+    n, k = layer.plan_shape
+    generator = torch.Generator().manual_seed(0)
+    weight = layer.reference_weight().float()
+    ms: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for b in buckets:
+            x = torch.randn(ROWS[b], k, generator=generator).to(dtype)
+            exact = x.double() @ weight.double().t()
+            bound = error_bound(x, weight, exact)
+            first = layer.default_path(x, ROWS[b])
+            times: dict[str, float] = {}
+            for path in sorted(layer.paths, key=lambda p: p != first):
+                if b in ("1", "2-8") and path in PROMPT_PATHS:
+                    continue
+                if not layer.can_run(path, x) or not agrees(layer, path, x, exact, bound):
+                    continue
+                extra = 1000 * (slow or {}).get(path, 0.0)
+                times[path] = time_path(layer, path, x, best=min(times.values(), default=float("inf"))) + extra
+            ms[b] = times
+    return Plan(f"{layer.plan_kind}:{n}x{k}", ms)
+
+
+def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
+    """Make (or read) the plan for each kind of planned layer in the model: timed on the shape of that kind
+    that holds the most weights; the kind's other shapes follow it."""
+    how = mode()
+    if how in ("kernels", "torch"):
+        return {}
+    layers: dict[str, dict[str, list[Any]]] = {}
+    for module in model.modules():
+        if hasattr(module, "plan_kind") and getattr(module, "plan_kind", None) and _on_cpu(module):
+            layers.setdefault(module.plan_kind, {}).setdefault(plan_key(module), []).append(module)
+    if not layers:
+        return {}
+    path = plan_file()
+    cached = {} if how == "measure" else read_plans(path)
+    chosen: dict[str, Plan] = {}
+    dtype = _activation_dtype(model)
+    for kind, shapes in layers.items():
+        body = {s: layer for s, layer in shapes.items() if layer[0].plan_shape[0] < HEAD_ROWS} or shapes
+        key = max(body, key=lambda s: _size(shapes[s][0]) * len(shapes[s]))
+        if key not in cached or not cached[key].fits(shapes[key][0].paths):
+            if progress:
+                print(f"kataru: timing the {kind} matmul paths on {key.split(':')[1]} for this CPU (once; "
+                      f"cached in {path})", file=sys.stderr)
+            cached[key] = measure(shapes[key][0], dtype)
+            write_plans(path, {**read_plans(path), **cached} if how != "measure" else cached)
+        chosen[kind] = cached[key]
+        _state["plans"][key] = cached[key]
+        _state["kinds"][kind] = cached[key]
+    return chosen
+
+
+def plans_for(model: torch.nn.Module) -> dict[str, Plan]:
+    """The plans in use for the model's kinds of layer (by kind)."""
+    kinds = {getattr(m, "plan_kind", None) for m in model.modules()}
+    return {kind: plan for kind, plan in _state["kinds"].items() if kind in kinds}
+
+
+def _on_cpu(module: torch.nn.Module) -> bool:
+    tensor = next(iter(module.buffers()), None) if not list(module.parameters(recurse=False)) else \
+        next(module.parameters(recurse=False))
+    return tensor is not None and tensor.device.type == "cpu"
+
+
+def _size(layer: Planned) -> int:
+    n, k = layer.plan_shape
+    return n * k
+
+
+def _activation_dtype(model: torch.nn.Module) -> torch.dtype:
+    embeddings = getattr(model, "tok_embeddings", None)
+    return embeddings.weight.dtype if embeddings is not None else torch.bfloat16
+
+
+def table(plans: dict[str, Plan]) -> list[dict[str, Any]]:
+    """One row per kind and bucket: every candidate's time and what the plan runs (for `kataru bench --plan`)."""
+    rows = []
+    for kind, plan in plans.items():
+        for b in BUCKETS:
+            if b in plan.ms:
+                rows.append({"kind": kind, "shape": plan.key.split(":")[1], "bucket": b, "rows": ROWS[b],
+                             "ms": plan.ms[b], "fastest": plan.mixed.get(b),
+                             "runs": plan.path(b, _state["invariant"]),
+                             "batch_invariant": plan.uniform.get(b)})
+    return rows
