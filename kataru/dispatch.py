@@ -308,7 +308,7 @@ def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
                 print(f"kataru: timing the {kind} matmul paths on {key.split(':')[1]} for this CPU (once; "
                       f"cached in {path})", file=sys.stderr)
             cached[key] = measure(shapes[key][0], dtype)
-            write_plans(path, {**read_plans(path), **cached} if how != "measure" else cached)
+            write_plans(path, {**read_plans(path), **cached})  # beside the plans of other shapes and kinds
         chosen[kind] = cached[key]
         _state["plans"][key] = cached[key]
         _state["kinds"][kind] = cached[key]

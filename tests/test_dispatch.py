@@ -106,10 +106,12 @@ def test_the_override_variable(monkeypatch: pytest.MonkeyPatch, plans_here: Path
     dispatch.reset()
     dispatch.prepare(Model(layer))
     assert calls == ["bf16:256x128"] * 2  # measured again though cached
+    dispatch.prepare(Model(Int8Linear.from_linear(half())))
+    assert set(json.loads(plans_here.read_text())["plans"]) == {"bf16:256x128", "int8-bf16:256x128"}  # both kept
     for mode, want in (("torch", lambda x, rows: "torch"), ("kernels", layer.default_path)):
         monkeypatch.setenv("KATARU_DISPATCH", mode)
         dispatch.reset()
-        assert dispatch.prepare(Model(layer)) == {} and calls == ["bf16:256x128"] * 2
+        assert dispatch.prepare(Model(layer)) == {} and calls == ["bf16:256x128"] * 2 + ["int8-bf16:256x128"]
         for rows in (1, 8, 32, 128):
             x = torch.randn(rows, 128).bfloat16()
             assert dispatch.choose(layer, x) == want(x, rows)
