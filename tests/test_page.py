@@ -38,10 +38,11 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 class Spy:
     """Records the sampling of every request the engine receives; `long` makes replies ignore eos, so that the
-    embedded model (whose answers are short) keeps writing long enough to be watched and stopped."""
+    embedded model (whose answers are short) keeps writing long enough to be watched and stopped; `grammar`
+    constrains what the model writes (a reply made of HTML)."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.received, self.long = engine, [], False
+        self.engine, self.received, self.long, self.grammar = engine, [], False, None
         self.submit = engine.submit
         engine.submit = self
 
@@ -49,6 +50,8 @@ class Spy:
         self.received.append(params)
         if self.long:
             params = dataclasses.replace(params, ignore_eos=True, max_new_tokens=2000)
+        if self.grammar:
+            params = dataclasses.replace(params, grammar=self.grammar, max_new_tokens=200)
         return self.submit(prompt, params)
 
 
@@ -252,6 +255,26 @@ def test_a_models_html_is_shown_as_text_never_run(server: Threaded, page: Any) -
     assert body.find_element(By.TAG_NAME, "strong").text == "太字"  # Markdown itself renders
     assert not page.find_elements(By.CSS_SELECTOR, "#messages a[href^='javascript']")
     assert page.find_element(By.CSS_SELECTOR, "#conversations .title").text == "<b>題</b>"
+
+    # and as the model streams it: the embedded model held by a JSON-schema constraint to a string of HTML
+    from kataru.grammar import json_grammar
+
+    page.execute_script("localStorage.clear()")
+    page.refresh()
+    wait(lambda: page.find_element(By.ID, "model").text == "kataru-tiny-ja", "the model's name")
+    html = "<script>window.pwned = 5</script><img src=x onerror='window.pwned = 6'>"
+    spy = Spy(server.server.llm.engine)
+    try:
+        spy.grammar = json_grammar({"const": html})
+        ask(page, "HTML を書いて")
+        wait(lambda: not generating(page) and replies(page) and replies(page)[0], "the HTML reply")
+    finally:
+        server.server.llm.engine.submit = spy.submit
+    body = page.find_element(By.CSS_SELECTOR, "#messages .msg.assistant .body")
+    assert json.loads(body.text) == html  # every character shown as written
+    assert not body.find_elements(By.TAG_NAME, "script") and not body.find_elements(By.TAG_NAME, "img")
+    time.sleep(0.5)
+    assert page.execute_script("return window.pwned") is None
     page.execute_script("localStorage.clear()")
 
 
