@@ -25,6 +25,7 @@ A layer that takes part offers `paths` (names), `can_run(path, x)`, `run(path, x
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -94,8 +95,14 @@ class Plan:
                     if b in self.ms and b in self.uniform and b in self.mixed), default=0.0)
 
     def path(self, bucket: str, invariant: bool) -> str | None:
-        chosen = self.uniform if invariant or self.invariant_cost <= INVARIANCE_COST else self.mixed
-        return chosen.get(bucket)
+        if invariant or self.unify:
+            return self.uniform.get(bucket)
+        return self.mixed.get(bucket)
+
+    @functools.cached_property
+    def unify(self) -> bool:
+        """Whether the kernels keep every decode bucket by default (they cost little enough)."""
+        return self.invariant_cost <= INVARIANCE_COST
 
     def fits(self, paths: tuple[str, ...]) -> bool:
         """Every bucket measured, and only paths the layer has (else the plan is from another kataru)."""
