@@ -5,7 +5,8 @@ GEMM (oneDNN) can be several times faster for prompts, and on others the reverse
 (bf16, fp16, int8, int4) and each row count bucket (decode rows 1, 2-8, 9-64; prompt chunks) the layers'
 candidate paths are timed once on the model's own largest weight shape of that kind (a few seconds), the
 fastest whose results agree with a float64 reference is kept, and the plan is cached per CPU model, core
-count, torch threads and torch version beside the compiled kernels.
+count, torch threads and torch version beside the compiled kernels. A decode step's attention and RMSNorm
+get plans too (kataru's kernels or torch's ops, timed on one block of the model: `decode_probe`).
 
 `KATARU_DISPATCH` overrides: `cached` (the default: the cached plan, measured when missing or unreadable),
 `measure` (measure again now), `kernels` (kataru's fixed rule: its kernels for decode, the float32 GEMM for
@@ -107,7 +108,7 @@ class Plan:
     def fits(self, paths: tuple[str, ...]) -> bool:
         """Every bucket measured, and only paths the layer has (else the plan is from another kataru)."""
         named = {p for times in self.ms.values() for p in times} | set(self.mixed.values()) | set(self.uniform.values())
-        return set(self.ms) == set(BUCKETS) and named <= set(paths)
+        return set(DECODE) <= set(self.ms) <= set(BUCKETS) and named <= set(paths)
 
     def to_json(self) -> dict[str, Any]:
         return {"ms": self.ms, "mixed": self.mixed, "uniform": self.uniform}
@@ -167,6 +168,20 @@ def choose(layer: Planned, x: Tensor) -> str:
         if path is not None and layer.can_run(path, x):
             return path
     return layer.default_path(x, rows)
+
+
+SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f32"}
+STEP_KINDS = ("attention", "norm")  # kataru's decode kernels or torch's ops, for a whole decode step's rows
+
+
+def step_path(kind: str, dtype: torch.dtype, rows: int) -> str:
+    """"kernel" or "torch" for the attention or norm of `rows` decode rows (the kernel unless a plan or the
+    override says otherwise; the callers check that the kernel can run at all)."""
+    how = mode()
+    if how in ("torch", "kernels"):
+        return "torch" if how == "torch" else "kernel"
+    plan = _state["kinds"].get(f"{kind}-{SHORT.get(dtype, dtype)}")
+    return (plan.path(bucket(rows), _state["invariant"]) if plan is not None else None) or "kernel"
 
 
 def plan_key(layer: Planned) -> str:
@@ -291,6 +306,33 @@ def measure(layer: Planned, dtype: torch.dtype, buckets: tuple[str, ...] = BUCKE
     return Plan(f"{layer.plan_kind}:{n}x{k}", ms)
 
 
+def measure_step(probe: Any, kind: str, buckets: tuple[str, ...] = DECODE,
+                 slow: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Times one block's decode step (`probe(rows)` makes it) with the `kind` kernel and with torch's ops
+    instead, per decode bucket; the kernel counts only where its output agrees with torch's."""
+    ms: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for b in buckets:
+            step = probe(ROWS[b])
+            with kernels.disabled(kind):
+                reference = step().double()
+            times: dict[str, float] = {}
+            for path in ("kernel", "torch"):
+                with contextlib.nullcontext() if path == "kernel" else kernels.disabled(kind):
+                    out = step().double()
+                    if (out - reference).abs().max() > 2**-6 * reference.abs().max() + 1e-3:
+                        continue
+                    start = time.perf_counter()
+                    best = float("inf")
+                    while time.perf_counter() - start < 0.08 or best == float("inf"):
+                        t = time.perf_counter()
+                        step()
+                        best = min(best, time.perf_counter() - t)
+                    times[path] = 1000 * best + 1000 * (slow or {}).get(path, 0.0)
+            ms[b] = times
+    return ms
+
+
 def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
     """Make (or read) the plan for each kind of planned layer in the model: timed on the shape of that kind
     that holds the most weights; the kind's other shapes follow it."""
@@ -301,8 +343,6 @@ def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
     for module in model.modules():
         if hasattr(module, "plan_kind") and getattr(module, "plan_kind", None) and _on_cpu(module):
             layers.setdefault(module.plan_kind, {}).setdefault(plan_key(module), []).append(module)
-    if not layers:
-        return {}
     path = plan_file()
     cached = {} if how == "measure" else read_plans(path)
     chosen: dict[str, Plan] = {}
@@ -319,12 +359,31 @@ def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
         chosen[kind] = cached[key]
         _state["plans"][key] = cached[key]
         _state["kinds"][kind] = cached[key]
+    dtype_name = SHORT.get(dtype, str(dtype))
+    probe = getattr(model, "decode_probe", None)
+    if probe is not None and _on_cpu(model.tok_embeddings) and dtype in kernels.ACTIVATIONS:
+        for kind in STEP_KINDS:
+            if not kernels.available(kind) or (kind == "norm" and not _has_rmsnorm(model)):
+                continue
+            c = model.config
+            key = f"{kind}-{dtype_name}:{c.dim}/{c.n_head}/{c.n_kv_head}"
+            if key not in cached or not cached[key].fits(("kernel", "torch")):
+                if progress:
+                    print(f"kataru: timing the {kind} paths of a decode step for this CPU (once)", file=sys.stderr)
+                cached[key] = Plan(key, measure_step(probe, kind))
+                write_plans(path, {**read_plans(path), **cached})
+            chosen[f"{kind}-{dtype_name}"] = _state["kinds"][f"{kind}-{dtype_name}"] = cached[key]
     return chosen
+
+
+def _has_rmsnorm(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "RMSNorm" for m in model.modules())
 
 
 def plans_for(model: torch.nn.Module) -> dict[str, Plan]:
     """The plans in use for the model's kinds of layer (by kind)."""
     kinds = {getattr(m, "plan_kind", None) for m in model.modules()}
+    kinds |= {f"{kind}-{SHORT.get(_activation_dtype(model))}" for kind in STEP_KINDS}
     return {kind: plan for kind, plan in _state["kinds"].items() if kind in kinds}
 
 

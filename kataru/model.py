@@ -13,7 +13,7 @@ Generation is `prefill` (a prompt, in chunks, into one row of a KV cache the cal
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -217,7 +217,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() // x.shape[-1] < Linear.upcast_rows and kernels.norm_applicable(x, self.weight):
+        rows = x.numel() // x.shape[-1]
+        if rows < Linear.upcast_rows and kernels.norm_applicable(x, self.weight) and dispatch.step_path(
+                "norm", x.dtype, rows) == "kernel":
             return kernels.rms_norm(x, self.weight, self.eps)  # a decode step's rows: one call, not eight ops
         # Normalise in float32 as the reference implementations do, scale in the working dtype.
         x32 = x.float()
@@ -289,7 +291,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.wqkv(x)
         if (isinstance(at, Decode) and cache is not None
-                and kernels.attention_applicable(cache[0], x.dtype, c.head_dim)):
+                and kernels.attention_applicable(cache[0], x.dtype, c.head_dim)
+                and dispatch.step_path("attention", x.dtype, b) == "kernel"):
             # One kernel call splits qkv, rotates, writes the row's new key and value at its slot and
             # attends over the row's slots in place (no gathered copy of the cache).
             tables = rope.view(4, b, -1) if c.rotary_dim else None
@@ -418,6 +421,21 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
+
+    def decode_probe(self, rows: int, context: int = 256) -> Callable[[], Tensor]:
+        """One block's decode step for `rows` rows over `context` cached tokens (random keys and values): what
+        `kataru.dispatch` times the attention and norm paths on, without a whole model's cache."""
+        c, weight = self.config, self.tok_embeddings.weight
+        context = min(context, c.max_seq_len - 1)
+        g = torch.Generator().manual_seed(0)
+        shape = (rows, c.n_kv_head, context + 1, c.head_dim)
+        cache = tuple(torch.randn(shape, generator=g).to(weight.dtype) for _ in range(2))
+        x = torch.randn(rows, 1, c.dim, generator=g).to(weight.dtype)
+        slots = torch.full((rows,), context)
+        at = Decode(torch.arange(rows), slots, context + 1)
+        rope = self.rotary(slots.unsqueeze(1), weight.dtype)
+        mask = self.row_mask(slots, context + 1)
+        return lambda: self.layers[0](x, rope, mask, cache, at)
 
     def row_mask(self, slots: Tensor, span: int) -> Tensor:
         """[B, 1, 1, span]: each row's query at slots[b] sees its own filled slots (and the window)."""

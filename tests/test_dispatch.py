@@ -199,14 +199,50 @@ def test_bench_runs_with_the_plan_and_prints_it(monkeypatch: pytest.MonkeyPatch,
 
     report = run_bench("tiny", dtype="bfloat16", prompt_len=16, new_tokens=3, quantize=["int8"], progress=False)
     kinds = {row["kind"] for row in report["plan"]}
-    assert kinds == {"bf16"} and report["dispatch"] == "cached" and report["cpu"]["cores"] >= 1
+    steps = {"attention-bf16", "norm-bf16"} if kernels.available() else set()
+    assert kinds == {"bf16"} | steps and report["dispatch"] == "cached" and report["cpu"]["cores"] >= 1
     assert {r["engine"] for r in report["results"]} >= {"kataru", "kataru int8", "kataru torch mm"}
     assert all(r["prefill_tok_s"] > 0 and r["decode_b8_tok_s"] > 0 for r in report["results"])
     plan = plan_report("tiny", dtype="bfloat16", quantize=["int4"], progress=False)
-    assert {row["kind"] for row in plan["plan"]} == {"bf16", "int4-bf16"}
+    assert {row["kind"] for row in plan["plan"]} == {"bf16", "int4-bf16"} | steps
     assert all(row["runs"] in row["ms"] for row in plan["plan"])
     text = format_plan(plan)
     assert "bf16" in text and "int4-bf16" in text and "candidates" in text
     assert main(["bench", "tiny", "--dtype", "bfloat16", "--plan", "--json"]) in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["plan"] and printed["cpu"]["torch_capability"]
+
+
+def test_attention_and_norm_of_a_decode_step_follow_their_plans(checkpoints: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (kernels.available("attention") and kernels.available("norm")):
+        pytest.skip("kataru's kernels do not run here (no C compiler or AVX2)")
+    folder = checkpoints["llama"][0]
+    llm = kataru.load(folder, dtype="bfloat16")
+    plans = dispatch.plans_for(llm.model)
+    for kind in ("attention-bf16", "norm-bf16"):  # both paths timed for every decode bucket
+        assert set(plans[kind].ms) == set(dispatch.DECODE)
+        assert all(set(times) == {"kernel", "torch"} for times in plans[kind].ms.values()), plans[kind].ms
+    assert "attention-bf16" in {row["kind"] for row in dispatch.table(plans)}
+
+    measure_step = dispatch.measure_step
+    monkeypatch.setattr(dispatch, "measure_step", lambda probe, kind: measure_step(probe, kind,
+                                                                                   slow={"kernel": 0.05}))
+    monkeypatch.setenv("KATARU_DISPATCH", "measure")
+    dispatch.reset()
+    slowed = kataru.load(folder, dtype="bfloat16")
+    assert all(dispatch.step_path(k, torch.bfloat16, rows) == "torch" for k in dispatch.STEP_KINDS
+               for rows in (1, 8, 32))
+    calls = []
+    for name in ("decode_attention", "rms_norm"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    options = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+    text = slowed.generate("abc", **options)
+    assert calls == []  # the plan said torch: no kernel ran
+    with dispatch.forced("torch"):
+        assert text == kataru.load(folder, dtype="bfloat16").generate("abc", **options)
+    monkeypatch.setenv("KATARU_DISPATCH", "kernels")
+    dispatch.reset()
+    kataru.load(folder, dtype="bfloat16").generate("abc", **options)
+    assert {"decode_attention", "rms_norm"} <= set(calls)  # the fixed rule runs them

@@ -440,6 +440,10 @@ def test_access_log_has_ids_status_tokens_and_never_the_prompt(caplog: pytest.Lo
                 answer = httpx.post(f"{server.base}/v1/completions", timeout=60,
                                     json={"prompt": "秘密の質問です", "max_tokens": 3, "ignore_eos": True}).json()
                 httpx.get(f"{server.base}/health")
+                deadline = time.monotonic() + 10  # the middleware logs once the response has gone out
+                while time.monotonic() < deadline and not any(
+                        "GET /health 200" in r.getMessage() for r in caplog.records):
+                    time.sleep(0.02)
         finally:
             server.stop()
         lines = [r.getMessage() for r in caplog.records if r.name == "kataru.serve"]
