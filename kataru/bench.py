@@ -324,11 +324,11 @@ def format_plan(report: dict[str, Any]) -> str:
     if not report["plan"]:
         lines.append("no plan: float32 weights, or KATARU_DISPATCH is kernels or torch (the fixed rules)")
         return "\n".join(lines)
-    header = f"{'kind':<10}{'shape':<13}{'rows':>5}  {'candidates, ms per call':<66}{'runs':<10}{'invariant':<10}"
+    header = f"{'kind':<16}{'shape':<15}{'rows':>5}  {'candidates, ms per call':<66}{'runs':<10}{'invariant':<10}"
     lines += [header, "-" * len(header)]
     for row in report["plan"]:
         times = "  ".join(f"{path} {ms:.3f}" for path, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]))
-        lines.append(f"{row['kind']:<10}{row['shape']:<13}{row['rows']:>5}  {times:<66}{row['runs'] or '-':<10}"
+        lines.append(f"{row['kind']:<16}{row['shape']:<15}{row['rows']:>5}  {times:<66}{row['runs'] or '-':<10}"
                      f"{row['batch_invariant'] or '-':<10}")
     return "\n".join(lines)
 
