@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from kataru.commands.common import DTYPE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["jcommonsenseqa", "perplexity"])
+    p.add_argument("task", choices=["jcommonsenseqa", "perplexity", "mt-bench"])
     p.add_argument("model", nargs="?", help="model folder (default: the embedded kataru-tiny-ja)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--data", help="jcommonsenseqa: valid-v1.3.json (default: jglue/ in the data folder, "
@@ -16,6 +17,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="jcommonsenseqa: only the first N questions")
     p.add_argument("--quantize", default="int8,int4", help="perplexity: also these quantizations, comma-separated")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    mt = p.add_argument_group("mt-bench (Japanese MT-Bench as llm-jp-judge runs it)")
+    mt.add_argument("--lang", choices=["ja", "en"], default="ja", help="the question set")
+    mt.add_argument("--judge-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a "
+                                        "`kataru serve` at http://127.0.0.1:8000/v1")
+    mt.add_argument("--judge-model", help="the judge's model name at that endpoint")
+    mt.add_argument("--judge-key-env", help="the environment variable holding the judge's API key")
+    mt.add_argument("--output", help="folder for answers.jsonl, judgments.jsonl, results.json and radar.png "
+                                     "(a run there resumes; default: mt-bench-<model folder name>)")
+    mt.add_argument("--judge-max-tokens", type=int, default=2048, help="the judge's max_tokens (llm-jp-judge: 2048)")
+    mt.add_argument("--workers", type=int, default=8, help="questions answered (and judged) at a time")
+    mt.add_argument("--replay", help="score judgments already made (FastChat's gpt-4_single.jsonl), no judge")
+    mt.add_argument("--plot", help="mt-bench: also draw the categories as a radar chart here")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,6 +39,9 @@ def run(args: argparse.Namespace) -> None:
     from kataru.llm import DEFAULT_MODEL
 
     folder = Path(args.model) if args.model else DEFAULT_MODEL
+    if args.task == "mt-bench":
+        mt_bench(args, folder)
+        return
     if args.task == "perplexity":
         from kataru.eval.perplexity import evaluate as perplexity
 
@@ -47,3 +63,60 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(result) if args.json else
           f"JCommonsenseQA: acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} "
           f"over {result['questions']} questions (random 0.200)")
+
+
+def mt_bench(args: argparse.Namespace, folder: Any) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from kataru.errors import KataruError
+    from kataru.eval import mtbench
+    from kataru.files import data_folder, write_atomic
+
+    if args.replay:
+        questions = Path(args.data) if args.data else data_folder("mt-bench-ja") / "mt-bench-ja" / "question.jsonl"
+        results = mtbench.replay(Path(args.replay), questions if questions.is_file() else None)
+        print(json.dumps(results, ensure_ascii=False) if args.json else mtbench.table(results))
+        if args.plot:
+            mtbench.radar(results, Path(args.plot))
+        return
+    if not (args.judge_url and args.judge_model):
+        raise KataruError("mt-bench needs a judge: --judge-url URL --judge-model NAME (or --replay FILE)")
+    key = None
+    if args.judge_key_env:
+        key = os.environ.get(args.judge_key_env)
+        if not key:
+            raise KataruError(f"--judge-key-env {args.judge_key_env}: that environment variable is not set")
+    from kataru.llm import load
+
+    data = Path(args.data) if args.data else data_folder("mt-bench-ja-llmjp") / "mt-bench-ja-llmjp"
+    bench = mtbench.load_bench(data, args.lang, args.limit)
+    out = Path(args.output or f"mt-bench-{folder.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    llm = load(folder, dtype=args.dtype, max_batch=max(1, args.workers))
+
+    def generate(history: list[dict[str, str]], temperature: float) -> str:
+        # up to 1024 new tokens, fewer where the dialogue leaves less of the context (nothing when it is full)
+        room = llm.config.max_seq_len - len(llm.encode_prompt(history, system=mtbench.SYSTEM))
+        if room < 1:
+            return ""
+        return llm.generate(history, system=mtbench.SYSTEM, temperature=temperature,
+                            max_new_tokens=min(mtbench.MAX_NEW_TOKENS, room), seed=0)
+
+    with tqdm(total=len(bench.questions), desc="answers", unit="q") as bar:
+        answers = mtbench.answer_all(generate, bench, mtbench.Log(out / "answers.jsonl"), args.workers, bar)
+    judgments = mtbench.Log(out / "judgments.jsonl")
+    judge = mtbench.Judge(args.judge_url, args.judge_model, key, max_tokens=args.judge_max_tokens)
+    with tqdm(total=sum(len(q["turns"]) for q in bench.questions), desc="judged", unit="turn") as bar:
+        mtbench.judge_all(judge, bench, answers, judgments, min(args.workers, 4), bar)
+    asked = {q["question_id"] for q in bench.questions}
+    results = {folder.name: mtbench.summarize(r for r in judgments.rows if r["question_id"] in asked)}
+    results[folder.name].update(judge=args.judge_model, judge_url=args.judge_url, lang=args.lang,
+                                questions=len(bench.questions))
+    write_atomic(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    if args.plot:
+        mtbench.radar(results, Path(args.plot))
+    print(json.dumps(results, ensure_ascii=False) if args.json else mtbench.table(results))
