@@ -9,7 +9,7 @@ from kataru.commands.common import DTYPE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["jcommonsenseqa", "perplexity", "mt-bench"])
+    p.add_argument("task", choices=["jcommonsenseqa", "perplexity", "mt-bench", "lm-eval"])
     p.add_argument("model", nargs="?", help="model folder (default: the embedded kataru-tiny-ja)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--data", help="jcommonsenseqa: valid-v1.3.json (default: jglue/ in the data folder, "
@@ -17,6 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="jcommonsenseqa: only the first N questions")
     p.add_argument("--quantize", default="int8,int4", help="perplexity: also these quantizations, comma-separated")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    harness = p.add_argument_group("lm-eval (any lm-evaluation-harness task on kataru: pip install lm-eval)")
+    harness.add_argument("--tasks", help="harness task names, comma-separated")
+    harness.add_argument("--include-path", help="a folder of task YAML files (local tasks, offline)")
+    harness.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: the task's)")
+    harness.add_argument("--batch-size", type=int, default=8, help="requests scored or generated together")
     mt = p.add_argument_group("mt-bench (Japanese MT-Bench as llm-jp-judge runs it)")
     mt.add_argument("--lang", choices=["ja", "en"], default="ja", help="the question set")
     mt.add_argument("--judge-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a "
@@ -41,6 +46,9 @@ def run(args: argparse.Namespace) -> None:
     folder = Path(args.model) if args.model else DEFAULT_MODEL
     if args.task == "mt-bench":
         mt_bench(args, folder)
+        return
+    if args.task == "lm-eval":
+        harness(args, folder)
         return
     if args.task == "perplexity":
         from kataru.eval.perplexity import evaluate as perplexity
@@ -120,3 +128,28 @@ def mt_bench(args: argparse.Namespace, folder: Any) -> None:
     if args.plot:
         mtbench.radar(results, Path(args.plot))
     print(json.dumps(results, ensure_ascii=False) if args.json else mtbench.table(results))
+
+
+def harness(args: argparse.Namespace, folder: Any) -> None:
+    import json
+
+    from kataru.errors import KataruError
+
+    if not args.tasks:
+        raise KataruError("lm-eval needs --tasks NAME[,NAME] (with --include-path DIR for local task YAML files)")
+    try:
+        import lm_eval
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise KataruError("lm-eval is not installed: pip install 'lm-eval==0.4.13'") from None
+    from kataru.eval.harness import KataruLM
+
+    manager = lm_eval.tasks.TaskManager(include_path=args.include_path) if args.include_path else None
+    results = lm_eval.simple_evaluate(
+        model=KataruLM(str(folder), dtype=args.dtype, batch_size=args.batch_size), tasks=args.tasks.split(","),
+        num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager)
+    if args.json:
+        print(json.dumps({"results": results["results"], "versions": results.get("versions"),
+                          "n-shot": results.get("n-shot")}, ensure_ascii=False, default=str))
+    else:
+        print(make_table(results))
