@@ -50,3 +50,27 @@ def score_choices(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], cho
         examples.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     device = next(model.parameters()).device
     return answer_logps(model, pad_batch(examples, tokenizer.pad_id or 0, device)).float()
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_length: int,
+                batch_size: int = 8) -> list[tuple[float, bool]]:
+    """(summed log p of the continuation, whether greedy decoding gives it) for each (context ids,
+    continuation ids) pair, the sequence cut on the left to `max_length` + 1 tokens (as the harnesses do).
+    Pairs go `batch_size` at a time, right-padded; put those that share a context side by side."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i:i + batch_size]
+        rows = [(context + continuation)[-(max_length + 1):] for context, continuation in batch]
+        inputs = torch.zeros(len(rows), max(len(r) for r in rows) - 1, dtype=torch.long)
+        for row, ids in enumerate(rows):
+            inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        logps = model(inputs.to(device)).float().log_softmax(-1).cpu()
+        for row, ((_, continuation), ids) in enumerate(zip(batch, rows, strict=True)):
+            n = len(continuation)
+            picked = logps[row, len(ids) - 1 - n:len(ids) - 1]
+            targets = torch.tensor(continuation)
+            out.append((float(picked.gather(-1, targets.unsqueeze(-1)).sum()),
+                        bool((picked.argmax(-1) == targets).all())))
+    return out

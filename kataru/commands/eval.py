@@ -9,7 +9,7 @@ from kataru.commands.common import DTYPE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["jcommonsenseqa", "perplexity", "mt-bench", "lm-eval"])
+    p.add_argument("task", choices=["jglue", "jcommonsenseqa", "perplexity", "mt-bench", "lm-eval"])
     p.add_argument("model", nargs="?", help="model folder (default: the embedded kataru-tiny-ja)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--data", help="jcommonsenseqa: valid-v1.3.json (default: jglue/ in the data folder, "
@@ -17,6 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="jcommonsenseqa: only the first N questions")
     p.add_argument("--quantize", default="int8,int4", help="perplexity: also these quantizations, comma-separated")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    jglue = p.add_argument_group("jglue (the jp-stable harness's JGLUE tasks)")
+    jglue.add_argument("--tasks-jglue", dest="jglue_tasks", default="jcommonsenseqa,jnli",
+                       help="jcommonsenseqa, jnli (comma-separated)")
+    jglue.add_argument("--prompt-version", default="auto",
+                       help="auto (the card's format: rinna 0.4, JSLM instruct 0.3, base 0.2) or a version")
+    jglue.add_argument("--fewshot", help="shots per task, comma-separated (default: the ja8 suite's, 3 and 3)")
     harness = p.add_argument_group("lm-eval (any lm-evaluation-harness task on kataru: pip install lm-eval)")
     harness.add_argument("--tasks", help="harness task names, comma-separated")
     harness.add_argument("--include-path", help="a folder of task YAML files (local tasks, offline)")
@@ -28,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "`kataru serve` at http://127.0.0.1:8000/v1")
     mt.add_argument("--judge-model", help="the judge's model name at that endpoint")
     mt.add_argument("--judge-key-env", help="the environment variable holding the judge's API key")
-    mt.add_argument("--output", help="folder for answers.jsonl, judgments.jsonl, results.json and radar.png "
+    mt.add_argument("--output", help="jglue: the results JSON (with every item); mt-bench: folder for "
+                                     "answers.jsonl, judgments.jsonl, results.json and radar.png "
                                      "(a run there resumes; default: mt-bench-<model folder name>)")
     mt.add_argument("--judge-max-tokens", type=int, default=2048, help="the judge's max_tokens (llm-jp-judge: 2048)")
     mt.add_argument("--workers", type=int, default=8, help="questions answered (and judged) at a time")
@@ -49,6 +56,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.task == "lm-eval":
         harness(args, folder)
+        return
+    if args.task == "jglue":
+        jglue(args, folder)
         return
     if args.task == "perplexity":
         from kataru.eval.perplexity import evaluate as perplexity
@@ -153,3 +163,45 @@ def harness(args: argparse.Namespace, folder: Any) -> None:
                           "n-shot": results.get("n-shot")}, ensure_ascii=False, default=str))
     else:
         print(make_table(results))
+
+
+def jglue(args: argparse.Namespace, folder: Any) -> None:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import kataru
+    from kataru.errors import KataruError
+    from kataru.eval import jglue as tasks
+    from kataru.files import data_folder, write_atomic
+    from kataru.llm import load
+
+    names = [t for t in args.jglue_tasks.split(",") if t]
+    unknown = [t for t in names if t not in tasks.TASKS]
+    if unknown:
+        raise KataruError(f"unknown JGLUE task {unknown[0]!r}; use {', '.join(tasks.TASKS)}")
+    shots = [int(n) for n in args.fewshot.split(",")] if args.fewshot else [tasks.TASKS[t][2] for t in names]
+    if len(shots) != len(names):
+        raise KataruError(f"--fewshot gives {len(shots)} counts for {len(names)} tasks")
+    data = Path(args.data) if args.data else data_folder("jglue") / "jglue"
+    llm = load(folder, dtype=args.dtype)
+    weights = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    digest = hashlib.sha256()  # a fingerprint: each weight file's name, size, first and last MiB
+    for w in weights:
+        with w.open("rb") as f:
+            digest.update(w.name.encode() + str(w.stat().st_size).encode() + f.read(1 << 20))
+            f.seek(max(0, w.stat().st_size - (1 << 20)))
+            digest.update(f.read())
+    report = {"model": str(folder), "checkpoint": digest.hexdigest()[:16], "kataru": kataru.__version__,
+              "harness": "jp-stable (Stability-AI/lm-evaluation-harness)", "results": []}
+    for name, k in zip(names, shots, strict=True):
+        report["results"].append(tasks.evaluate(llm, name, data, args.prompt_version, k, args.limit))
+    if args.output:
+        write_atomic(Path(args.output), json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return
+    print("| task | version | prompt | shots | docs | acc | acc_norm |\n|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        print(f"| {r['task']} | {r['task_version']} | {r['prompt_version']} | {r['shots']} ({r['shots_from']}) | "
+              f"{r['documents']} | {100 * r['acc']:.2f} | {100 * r['acc_norm']:.2f} |")

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from kataru.llm import DEFAULT_MODEL, LLM, load
+from kataru.scoring import score_pairs
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -41,28 +41,8 @@ class KataruLM(LM):
     def _context(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text, add_special_tokens=self.llm.prompt_style.add_special_tokens)
 
-    @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(summed log p of the continuation, whether it is the greedy one) for each (context, continuation)
-        pair, the sequences cut on the left to the context window."""
-        out = []
-        model = self.llm.model
-        device = next(model.parameters()).device
-        for batch in _batches(pairs, self.batch_size):
-            rows = [(context + continuation)[-(self.max_length + 1):] for context, continuation in batch]
-            width = max(len(r) for r in rows) - 1
-            inputs = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, r in enumerate(rows):
-                inputs[i, :len(r) - 1] = torch.tensor(r[:-1])
-            logps = model(inputs.to(device)).float().log_softmax(-1)
-            for i, ((_, continuation), r) in enumerate(zip(batch, rows, strict=True)):
-                n = len(continuation)
-                positions = torch.arange(len(r) - 1 - n, len(r) - 1)
-                targets = torch.tensor(continuation)
-                picked = logps[i, positions].cpu()
-                out.append((float(picked.gather(-1, targets.unsqueeze(-1)).sum()),
-                            bool((picked.argmax(-1) == targets).all())))
-        return out
+        return score_pairs(self.llm.model, pairs, self.max_length, self.batch_size)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         tokenizer = self.llm.tokenizer

@@ -1,0 +1,193 @@
+"""JGLUE as the jp-stable harness measures it (Stability-AI/lm-evaluation-harness, branch jp-stable), the
+harness the seed models' Japanese tables come from: its prompt versions, its few-shot assembly and draws, its
+tokenization and its metrics, so that a checkpoint's figures compare with the published ones.
+
+Mechanics (each decides the numbers): the evaluated documents are shuffled with `random.Random(42)`, and the
+same generator draws each document's shots (`sample` from the train split; stratified by label for JNLI;
+from the valid split outside the document where the data has no train split, as the harness itself does);
+the context is `DESCRIPTION + FEWSHOT_SEP.join(text + target of each shot) + FEWSHOT_SEP + text`; context
+and each choice are tokenized apart without special tokens and scored by log-likelihood, the sequence cut
+on the left to the model's context; `acc` is the argmax, `acc_norm` the argmax per character of the choice.
+Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4) and JNLI 1.3 (0.2, 0.3, 0.4).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kataru.data.jglue import CHOICE_KEYS, read_questions
+from kataru.errors import KataruError
+from kataru.files import iter_jsonl
+from kataru.scoring import score_pairs
+
+ALPACA = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
+NLI_CHOICES = ["含意", "矛盾", "中立"]
+NLI_LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    description: str
+    text: Callable[[dict[str, Any]], str]
+    target: Callable[[dict[str, Any]], str]
+    fewshot_sep: str = "\n\n"
+
+
+def _choice(doc: dict[str, Any]) -> str:
+    return doc["choices"][doc["gold"]]
+
+
+def _listed(doc: dict[str, Any], sep: str = "\n") -> str:
+    return sep.join(f"- {choice}" for choice in doc["choices"])
+
+
+CHOOSE = "与えられた選択肢の中から、最適な答えを選んでください。"
+FROM = "出力は以下から選択してください："
+RELATION = "与えられた前提と仮説の関係を回答してください。"
+NLI_RULES = ("前提と仮説の関係を含意、矛盾、中立の中から回答してください。\n\n制約:\n"
+             "- 前提から仮説が、論理的知識や常識的知識を用いて導出可能である場合は含意と出力\n"
+             "- 前提と仮説が両立しえない場合は矛盾と出力\n"
+             "- そのいずれでもない場合は中立と出力\n\n")
+
+
+def _alpaca(instruction: str, inputs: str) -> str:
+    return f"### 指示:\n{instruction}\n\n### 入力:\n{inputs}\n\n### 応答:\n"
+
+
+def _numbered(d: dict[str, Any]) -> str:
+    return ",".join(f"{i}.{c}" for i, c in enumerate(d["choices"]))
+
+
+JCOMMONSENSEQA = {
+    "0.1": Prompt("[問題]に対する[答え]を[選択肢]の中から選んでください。\n\n",
+                  lambda d: f"[問題]:{d['goal']}\n[選択肢]:[{', '.join(d['choices'])}]\n[答え]:", _choice),
+    "0.2": Prompt("質問と回答の選択肢を入力として受け取り、選択肢から回答を選択してください。"
+                  "なお、回答は選択肢の番号(例:0)でするものとします。 \n\n",
+                  lambda d: f"質問:{d['goal']}\n選択肢:{_numbered(d)}\n回答:", lambda d: str(d["gold"])),
+    "0.2.1": Prompt(CHOOSE + " \n\n", lambda d: f"質問：{d['goal']}\n選択肢：\n{_listed(d)}\n回答：", _choice),
+    "0.3": Prompt(ALPACA, lambda d: _alpaca(f"{CHOOSE}{FROM}\n{_listed(d)}", d["goal"]), _choice),
+    "0.4": Prompt(f"ユーザー: {CHOOSE}<NL>システム: 分かりました。<NL>",
+                  lambda d: f"ユーザー: 質問：{d['goal']}<NL>選択肢：<NL>{_listed(d, '<NL>')}<NL>システム: ",
+                  _choice, "<NL>"),
+}
+JNLI = {
+    "0.2": Prompt(NLI_RULES, lambda d: f"前提:{d['premise']}\n仮説:{d['hypothesis']}\n関係:", _choice, "\n\n"),
+    "0.3": Prompt(ALPACA, lambda d: _alpaca(f"{RELATION}\n\n{FROM}\n" + "\n".join(NLI_CHOICES),
+                                            f"前提：{d['premise']}\n仮説：{d['hypothesis']}"), _choice, "\n\n"),
+    "0.4": Prompt(f"ユーザー: {RELATION}{FROM}<NL>" + "<NL>".join(NLI_CHOICES) + "<NL>システム: 分かりました。<NL>",
+                  lambda d: f"ユーザー: 前提：{d['premise']}<NL>仮説：{d['hypothesis']}<NL>システム: ",
+                  _choice, "<NL>"),
+}
+TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3)}  # version, prompts, ja8's shots
+AUTO = {"rinna": "0.4", "alpaca-ja": "0.3", "raw": "0.2"}  # the prompt version of each card's format
+
+
+def read_docs(task: str, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(valid documents, train documents or None) in the harness's shape: goal/premise..., choices, gold."""
+    if task == "jcommonsenseqa":
+        def shape(row: dict[str, Any]) -> dict[str, Any]:
+            return {"goal": row["question"], "choices": [row[k] for k in CHOICE_KEYS], "gold": row["label"]}
+
+        base = folder / "jcommonsenseqa-v1.3"
+        train = base / "train-v1.3.json"
+        return ([shape(r) for r in read_questions(base / "valid-v1.3.json")],
+                [shape(r) for r in read_questions(train)] if train.is_file() else None)
+    base = folder / "jnli-v1.3"
+
+    def pairs(path: Path) -> list[dict[str, Any]]:
+        docs = []
+        for number, row in iter_jsonl(path, "pass JNLI's valid-v1.3.json"):
+            if row.get("label") not in NLI_LABELS:
+                raise KataruError(f"{path}:{number} is not a JNLI row (sentence1, sentence2, label)")
+            docs.append({"premise": row["sentence1"], "hypothesis": row["sentence2"], "choices": NLI_CHOICES,
+                         "gold": NLI_LABELS[row["label"]]})
+        return docs
+
+    train = base / "train-v1.3.json"
+    return pairs(base / "valid-v1.3.json"), (pairs(train) if train.is_file() else None)
+
+
+class Shots:
+    """The harness's few-shot draws: `rnd.sample` from the train split, or, without one, from the valid split
+    one more than needed with the evaluated document left out; stratified by target for JNLI."""
+
+    def __init__(self, prompt: Prompt, train: list[dict[str, Any]] | None, valid: list[dict[str, Any]],
+                 stratified: bool) -> None:
+        self.prompt, self.pool, self.from_valid, self.stratified = prompt, train or valid, train is None, stratified
+        self.by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for doc in self.pool:
+            self.by_target[prompt.target(doc)].append(doc)
+
+    def _stratified(self, k: int, rnd: random.Random) -> list[dict[str, Any]]:
+        counts = {t: int(len(docs) / len(self.pool) * k) for t, docs in self.by_target.items()}
+        for _ in range(k - sum(counts.values())):
+            counts[min(counts, key=counts.get)] += 1  # type: ignore[arg-type]
+        picked = [doc for t, n in counts.items() for doc in rnd.sample(self.by_target[t], n)]
+        rnd.shuffle(picked)
+        return picked
+
+    def draw(self, doc: dict[str, Any], k: int, rnd: random.Random) -> list[dict[str, Any]]:
+        if k == 0:
+            return []
+        n = k + 1 if self.from_valid else k
+        shots = self._stratified(n, rnd) if self.stratified else rnd.sample(self.pool, n)
+        return [shot for shot in shots if shot != doc][:k] if self.from_valid else shots
+
+
+def context(prompt: Prompt, doc: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+    labeled = prompt.fewshot_sep.join(prompt.text(s) + prompt.target(s) for s in shots)
+    return prompt.description + (labeled + prompt.fewshot_sep if shots else "") + prompt.text(doc)
+
+
+def resolve_version(task: str, version: str, style: str) -> str:
+    prompts = TASKS[task][1]
+    if version == "auto":
+        if style not in AUTO:
+            raise KataruError(f"no jp-stable prompt version matches the {style!r} prompt style (llm-jp's chat "
+                              f"template is not one of the harness's); pass --prompt-version {'|'.join(prompts)}")
+        version = AUTO[style]
+    if version not in prompts:
+        raise KataruError(f"{task} has no prompt version {version}; use one of {', '.join(prompts)}")
+    return version
+
+
+def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: int | None = None,
+             limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """acc and acc_norm of a loaded `kataru.LLM` on one task, with every item's context, scores and prediction."""
+    task_version, prompts, default_shots = TASKS[task]
+    version = resolve_version(task, version, llm.prompt_style.name)
+    prompt = prompts[version]
+    k = default_shots if shots is None else shots
+    valid, train = read_docs(task, folder)
+    draw = Shots(prompt, train, valid, stratified=task == "jnli")
+    docs = list(valid)
+    rnd = random.Random()
+    rnd.seed(42)
+    rnd.shuffle(docs)
+    docs = docs[:limit]
+    tokenizer = llm.tokenizer
+    items = []
+    for doc in tqdm(docs, desc=f"{task}-{task_version}-{version}", unit="doc", disable=not progress):
+        ctx = context(prompt, doc, draw.draw(doc, k, rnd))
+        head = tokenizer.encode(ctx, add_special_tokens=False)
+        scored = score_pairs(llm.model, [(head, tokenizer.encode(c, add_special_tokens=False))
+                                         for c in doc["choices"]], llm.config.max_seq_len, batch_size)
+        logps = [logp for logp, _ in scored]
+        pred = max(range(len(logps)), key=logps.__getitem__)
+        pred_norm = max(range(len(logps)), key=lambda i: logps[i] / len(doc["choices"][i]))
+        items.append({"context": ctx, "choices": doc["choices"], "gold": doc["gold"], "logprobs": logps,
+                      "prediction": pred, "prediction_norm": pred_norm})
+    return {"task": task, "task_version": task_version, "prompt_version": version, "shots": k,
+            "shots_from": "train" if train is not None else "valid (outside the evaluated document)",
+            "documents": len(items),
+            "acc": statistics.fmean(i["prediction"] == i["gold"] for i in items) if items else None,
+            "acc_norm": statistics.fmean(i["prediction_norm"] == i["gold"] for i in items) if items else None,
+            "items": items}
