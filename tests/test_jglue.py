@@ -118,6 +118,7 @@ def test_acc_norm_divides_by_the_choices_characters(tmp_path: Path, monkeypatch:
 def test_the_command_on_the_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from helpers import SHARED
 
+    pytest.importorskip("fugashi", reason="JSQuAD's metric needs kataru[eval]")
     if not (SHARED / "jglue" / "jnli-v1.3" / "valid-v1.3.json").is_file():
         pytest.skip("no JGLUE in the data folder ($KATARU_DATA or shared/data beside the checkout)")
     out = tmp_path / "jglue.json"
@@ -125,10 +126,59 @@ def test_the_command_on_the_real_files(tmp_path: Path, capsys: pytest.CaptureFix
         0, None)
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == report and report["harness"].startswith("jp-stable")
-    jcqa, jnli = report["results"]
+    jcqa, jnli, jsquad = report["results"]
+    assert jsquad["task"] == "jsquad" and jsquad["shots"] == 2 and len(jsquad["items"]) == 4 and "f1" in jsquad
     assert (jcqa["task"], jcqa["task_version"], jcqa["shots"], jcqa["shots_from"]) == ("jcommonsenseqa", "1.1", 3,
                                                                                        "train")
     assert jnli["shots_from"].startswith("valid") and jnli["documents"] == 4 and len(jnli["items"]) == 4
     assert all(len(i["logprobs"]) == 3 and i["context"].count("関係:") == 4 for i in jnli["items"])
     assert main(["eval", "jglue"]) == 2  # the embedded model's style has no jp-stable version: said in one line
     assert "--prompt-version" in capsys.readouterr().err
+
+
+QA = {"id": "q1", "title": "梅雨", "context": "梅雨 [SEP] 梅雨は雨の多い時期である。", "question": "梅雨は何の時期か。",
+      "answers": ["雨の多い時期", "雨"]}
+QA_SHOT = {"id": "q0", "title": "富士山", "context": "富士山 [SEP] 富士山は日本一高い山である。",
+           "question": "日本一高い山は？", "answers": ["富士山"]}
+
+
+def test_jsquad_prompts_as_the_harness_writes_them() -> None:
+    assert jglue.context(jglue.JSQUAD["0.1"], QA, [QA_SHOT]) == (
+        "[題名]と[問題]から[質問]に対する[答え]を抜き出しなさい\n\n"
+        "[題名]:富士山\n[問題]:富士山は日本一高い山である。\n[質問]:日本一高い山は？\n[答え]:富士山\n\n"
+        "[題名]:梅雨\n[問題]:梅雨は雨の多い時期である。\n[質問]:梅雨は何の時期か。\n[答え]:")
+    assert jglue.context(jglue.JSQUAD["0.4"], QA, [QA_SHOT]) == (
+        "ユーザー: 与えられた文脈から、質問に対する答えを抜き出してください。<NL>システム: 分かりました。<NL>"
+        "ユーザー: 文脈：富士山は日本一高い山である。<NL>質問：日本一高い山は？<NL>システム: 富士山<NL>"
+        "ユーザー: 文脈：梅雨は雨の多い時期である。<NL>質問：梅雨は何の時期か。<NL>システム: ")
+    assert jglue.JSQUAD["0.4"].until == "<NL>" and jglue.JSQUAD["0.3"].until == "\n"
+
+
+def test_jsquad_exact_match_and_f1_as_hand_computed() -> None:
+    pytest.importorskip("fugashi", reason="JSQuAD's metric needs kataru[eval]")
+    assert jglue.exact_match("ＡＢＣ😀", "ABC") == 1.0  # neologdn folds full-width letters; emoji go
+    assert jglue.exact_match("東京都", "東京") == 0.0
+    # MeCab: 東京 / 都 / です against 東京 / 都: precision 2/3, recall 1
+    assert jglue.f1("東京都です", "東京都") == pytest.approx(0.8)
+    assert jglue.words("小笠原諸島、です。") == ["小笠原", "諸島", "です"]  # punctuation left out
+    assert jglue.f1("。", "東京") == 0.0
+
+
+def test_jsquad_answers_stop_at_the_separator_within_the_longest_gold(tmp_path: Path) -> None:
+    pytest.importorskip("fugashi", reason="JSQuAD's metric needs kataru[eval]")
+    folder = tmp_path / "jglue" / "jsquad-v1.3"
+    folder.mkdir(parents=True)
+    paragraphs = [{"context": q["context"], "qas": [{"id": q["id"], "question": q["question"], "is_impossible": False,
+                                                   "answers": [{"text": a, "answer_start": 0} for a in q["answers"]]}]}
+                  for q in (QA, QA_SHOT)]
+    (folder / "valid-v1.3.json").write_text(json.dumps({"version": "v1.0", "data": [
+        {"title": "梅雨", "paragraphs": paragraphs[:1]}, {"title": "富士山", "paragraphs": paragraphs[1:]}]},
+        ensure_ascii=False))
+    llm = kataru.load(progress=False)
+    result = jglue.evaluate(llm, "jsquad", folder.parent, "0.2", shots=1, progress=False)
+    assert result["shots_from"].startswith("valid") and result["documents"] == 2
+    for item in result["items"]:
+        longest = max(len(llm.tokenizer.encode(a)) for a in item["answers"])
+        assert "\n" not in item["prediction"] and len(llm.tokenizer.encode(item["prediction"])) <= longest + 1
+        assert item["f1"] == max(jglue.f1(item["prediction"], a) for a in item["answers"])
+    assert result["f1"] == pytest.approx(100 * sum(i["f1"] for i in result["items"]) / 2)

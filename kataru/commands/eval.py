@@ -18,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="int8,int4", help="perplexity: also these quantizations, comma-separated")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     jglue = p.add_argument_group("jglue (the jp-stable harness's JGLUE tasks)")
-    jglue.add_argument("--tasks-jglue", dest="jglue_tasks", default="jcommonsenseqa,jnli",
-                       help="jcommonsenseqa, jnli (comma-separated)")
+    jglue.add_argument("--tasks-jglue", dest="jglue_tasks", default="jcommonsenseqa,jnli,jsquad",
+                       help="jcommonsenseqa, jnli, jsquad (comma-separated)")
     jglue.add_argument("--prompt-version", default="auto",
                        help="auto (the card's format: rinna 0.4, JSLM instruct 0.3, base 0.2) or a version")
-    jglue.add_argument("--fewshot", help="shots per task, comma-separated (default: the ja8 suite's, 3 and 3)")
+    jglue.add_argument("--fewshot", help="shots per task, comma-separated (default: the ja8 suite's: 3, 3, 2)")
     harness = p.add_argument_group("lm-eval (any lm-evaluation-harness task on kataru: pip install lm-eval)")
     harness.add_argument("--tasks", help="harness task names, comma-separated")
     harness.add_argument("--include-path", help="a folder of task YAML files (local tasks, offline)")
@@ -201,7 +201,9 @@ def jglue(args: argparse.Namespace, folder: Any) -> None:
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return
-    print("| task | version | prompt | shots | docs | acc | acc_norm |\n|---|---|---|---|---|---|---|")
+    print("| task | version | prompt | shots | docs | score |\n|---|---|---|---|---|---|")
     for r in report["results"]:
+        score = (f"EM {r['exact_match']:.2f} (F1 {r['f1']:.2f})" if "f1" in r else
+                 f"acc {100 * r['acc']:.2f} (acc_norm {100 * r['acc_norm']:.2f})")
         print(f"| {r['task']} | {r['task_version']} | {r['prompt_version']} | {r['shots']} ({r['shots_from']}) | "
-              f"{r['documents']} | {100 * r['acc']:.2f} | {100 * r['acc_norm']:.2f} |")
+              f"{r['documents']} | {score} |")

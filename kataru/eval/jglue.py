@@ -14,8 +14,10 @@ Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4) and 
 from __future__ import annotations
 
 import random
+import re
 import statistics
-from collections import defaultdict
+import string
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from kataru.data.jglue import CHOICE_KEYS, read_questions
 from kataru.errors import KataruError
-from kataru.files import iter_jsonl
+from kataru.files import iter_jsonl, read_json
 from kataru.scoring import score_pairs
 
 ALPACA = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
@@ -39,6 +41,7 @@ class Prompt:
     text: Callable[[dict[str, Any]], str]
     target: Callable[[dict[str, Any]], str]
     fewshot_sep: str = "\n\n"
+    until: str = "\n"  # generation tasks stop at the task's separator
 
 
 def _choice(doc: dict[str, Any]) -> str:
@@ -86,7 +89,31 @@ JNLI = {
                   lambda d: f"ユーザー: 前提：{d['premise']}<NL>仮説：{d['hypothesis']}<NL>システム: ",
                   _choice, "<NL>"),
 }
-TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3)}  # version, prompts, ja8's shots
+EXTRACT = "与えられた文脈から、質問に対する答えを抜き出してください。"
+
+
+def _passage(d: dict[str, Any]) -> str:
+    return d["context"].split("[SEP]")[-1].strip()
+
+
+def _first_answer(d: dict[str, Any]) -> str:
+    return d["answers"][0]
+
+
+JSQUAD = {
+    "0.1": Prompt("[題名]と[問題]から[質問]に対する[答え]を抜き出しなさい\n\n",
+                  lambda d: f"[題名]:{d['title']}\n[問題]:{_passage(d)}\n[質問]:{d['question']}\n[答え]:",
+                  _first_answer),
+    "0.2": Prompt("質問に対する回答を文章から一言で抽出してください。回答は名詞で答えてください。\n\n",
+                  lambda d: f"文章:{_passage(d)}\n質問:{d['question']}\n回答:", _first_answer),
+    "0.3": Prompt(ALPACA, lambda d: _alpaca(EXTRACT, f"文脈：{_passage(d)}\n質問：{d['question']}"), _first_answer),
+    "0.4": Prompt(f"ユーザー: {EXTRACT}<NL>システム: 分かりました。<NL>",
+                  lambda d: f"ユーザー: 文脈：{_passage(d)}<NL>質問：{d['question']}<NL>システム: ", _first_answer,
+                  "<NL>", "<NL>"),
+}
+# task: (version, prompts, the ja8 suite's shots)
+TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3), "jsquad": ("1.1", JSQUAD, 2)}
+GENERATED = {"jsquad"}
 AUTO = {"rinna": "0.4", "alpaca-ja": "0.3", "raw": "0.2"}  # the prompt version of each card's format
 
 
@@ -100,6 +127,19 @@ def read_docs(task: str, folder: Path) -> tuple[list[dict[str, Any]], list[dict[
         train = base / "train-v1.3.json"
         return ([shape(r) for r in read_questions(base / "valid-v1.3.json")],
                 [shape(r) for r in read_questions(train)] if train.is_file() else None)
+    if task == "jsquad":
+        def questions(path: Path) -> list[dict[str, Any]]:
+            data = read_json(path, "pass JSQuAD's valid-v1.3.json (SQuAD format)")
+            try:
+                return [{"id": qa["id"], "title": article["title"], "context": paragraph["context"],
+                         "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
+                        for article in data["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+            except (KeyError, TypeError):
+                raise KataruError(f"{path} is not in JSQuAD's (SQuAD's) format: data/paragraphs/qas") from None
+
+        base = folder / "jsquad-v1.3"
+        train = base / "train-v1.3.json"
+        return questions(base / "valid-v1.3.json"), (questions(train) if train.is_file() else None)
     base = folder / "jnli-v1.3"
 
     def pairs(path: Path) -> list[dict[str, Any]]:
@@ -174,6 +214,11 @@ def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: in
     rnd.shuffle(docs)
     docs = docs[:limit]
     tokenizer = llm.tokenizer
+    header = {"task": task, "task_version": task_version, "prompt_version": version, "shots": k,
+              "shots_from": "train" if train is not None else "valid (outside the evaluated document)"}
+    if task in GENERATED:
+        contexts = [context(prompt, doc, draw.draw(doc, k, rnd)) for doc in docs]
+        return {**header, **extract(llm, prompt, docs, contexts, batch_size, progress)}
     items = []
     for doc in tqdm(docs, desc=f"{task}-{task_version}-{version}", unit="doc", disable=not progress):
         ctx = context(prompt, doc, draw.draw(doc, k, rnd))
@@ -185,9 +230,83 @@ def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: in
         pred_norm = max(range(len(logps)), key=lambda i: logps[i] / len(doc["choices"][i]))
         items.append({"context": ctx, "choices": doc["choices"], "gold": doc["gold"], "logprobs": logps,
                       "prediction": pred, "prediction_norm": pred_norm})
-    return {"task": task, "task_version": task_version, "prompt_version": version, "shots": k,
-            "shots_from": "train" if train is not None else "valid (outside the evaluated document)",
-            "documents": len(items),
+    return {**header, "documents": len(items),
             "acc": statistics.fmean(i["prediction"] == i["gold"] for i in items) if items else None,
             "acc_norm": statistics.fmean(i["prediction_norm"] == i["gold"] for i in items) if items else None,
             "items": items}
+
+
+def extract(llm: Any, prompt: Prompt, docs: list[dict[str, Any]], contexts: list[str], batch_size: int,
+            progress: bool) -> dict[str, Any]:
+    """Greedy answers stopped at the task's separator, at most as many tokens as the longest gold answer (the
+    harness's dynamic length), the context cut on the left to fit; exact match and F1 (×100) as JSQuAD's."""
+    from kataru.sampling import SamplingParams
+
+    tokenizer, engine = llm.tokenizer, llm.engine
+    # rinna's <NL> reaches the text as a newline (its card's postprocessing): stop at either
+    stops = [prompt.until, "\n"] if prompt.until == "<NL>" else [prompt.until]
+    items: list[dict[str, Any]] = []
+    bar = tqdm(total=len(docs), desc="jsquad", unit="doc", disable=not progress)
+    for start in range(0, len(docs), batch_size):
+        requests = []
+        for doc, ctx in zip(docs[start:start + batch_size], contexts[start:start + batch_size], strict=True):
+            new = max(len(tokenizer.encode(a, add_special_tokens=False)) for a in doc["answers"])
+            ids = tokenizer.encode(ctx, add_special_tokens=False)[-(llm.config.max_seq_len - new - 1):]
+            params = SamplingParams(max_new_tokens=new, do_sample=False, stop=stops).validate()
+            requests.append((doc, ctx, engine.submit(ids, params)))
+        for doc, ctx, request in requests:
+            engine.wait(request)
+            answer = request.text
+            items.append({"id": doc["id"], "context": ctx, "answers": doc["answers"], "prediction": answer,
+                          "exact_match": max(exact_match(answer, gold) for gold in doc["answers"]),
+                          "f1": max(f1(answer, gold) for gold in doc["answers"])})
+        bar.update(len(requests))
+    bar.close()
+    n = max(1, len(items))
+    return {"documents": len(items), "exact_match": 100 * sum(i["exact_match"] for i in items) / n,
+            "f1": 100 * sum(i["f1"] for i in items) / n, "items": items}
+
+
+PUNCTUATION = set("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～"
+                  "｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿"
+                  "–—‘’‛“”„‟…‧﹏.") | set(string.punctuation)
+EMOJI = re.compile("[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F680-\U0001F6FF\U0001F1E0-\U0001F1FF"
+                   "\U00002702-\U000027B0]+")
+
+
+def normalize(text: str) -> str:
+    """JSQuAD's answer normalisation: emoji removed, neologdn's normalisation, runs of whitespace as one space."""
+    try:
+        import emoji
+        import neologdn
+    except ImportError:
+        raise KataruError("JSQuAD's metric needs neologdn and emoji: pip install 'kataru[eval]'") from None
+    text = EMOJI.sub("", "".join("" if emoji.is_emoji(c) else c for c in text))
+    return " ".join(neologdn.normalize(text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize(prediction) == normalize(gold))
+
+
+_tagger: dict[str, Any] = {}
+
+
+def words(text: str) -> list[str]:
+    """MeCab's words (fugashi with unidic-lite) of the normalised text, punctuation left out."""
+    if "tagger" not in _tagger:
+        try:
+            from fugashi import Tagger
+        except ImportError:
+            raise KataruError("JSQuAD's F1 needs MeCab: pip install 'kataru[eval]' (fugashi, unidic-lite)") from None
+        _tagger["tagger"] = Tagger("-Owakati")
+    return [w for w in _tagger["tagger"].parse(normalize(text)).split() if w not in PUNCTUATION]
+
+
+def f1(prediction: str, gold: str) -> float:
+    predicted, expected = words(prediction), words(gold)
+    same = sum((Counter(predicted) & Counter(expected)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(expected)
+    return 2 * precision * recall / (precision + recall)
