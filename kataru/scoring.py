@@ -74,3 +74,36 @@ def score_pairs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_
             out.append((float(picked.gather(-1, targets.unsqueeze(-1)).sum()),
                         bool((picked.argmax(-1) == targets).all())))
     return out
+
+
+@torch.no_grad()
+def score_shared(model: nn.Module, context: list[int], continuations: list[list[int]],
+                 max_length: int) -> list[tuple[float, bool]]:
+    """`score_pairs` for continuations of one context (a question's choices), computing the context once: it is
+    prefilled into one cache row, copied into a row per continuation, and the continuations' tokens then go
+    one decode step at a time for all rows together, as the engine decodes a batch. The context is cut on the
+    left so that the longest continuation fits in `max_length` tokens."""
+    from kataru.model import KVCache
+
+    longest = max(len(c) for c in continuations)
+    context = context[-(max_length - longest):] if len(context) + longest > max_length else context
+    weight = model.tok_embeddings.weight
+    width = len(context)
+    cache = KVCache(model.config, len(continuations), width + longest, weight.dtype, weight.device)
+    first = model.prefill(torch.tensor([context], device=weight.device), cache, 0, 0)[0].float().log_softmax(-1)
+    for k, v in zip(cache.k, cache.v, strict=True):
+        k[1:, :, :width] = k[0, :, :width]
+        v[1:, :, :width] = v[0, :, :width]
+    totals = [float(first[c[0]]) for c in continuations]
+    greedy = [int(first.argmax()) == c[0] for c in continuations]
+    for t in range(longest - 1):  # token t of every continuation that has a token t + 1 to predict
+        active = [r for r, c in enumerate(continuations) if len(c) > t + 1]
+        tokens = torch.tensor([[continuations[r][t]] for r in active], device=weight.device)
+        rows = torch.tensor(active, device=weight.device)
+        slots = torch.full((len(active),), width + t, device=weight.device)
+        logps = model.decode(tokens, cache, rows, slots, width + t + 1).float().log_softmax(-1)
+        for i, r in enumerate(active):
+            target = continuations[r][t + 1]
+            totals[r] += float(logps[i, target])
+            greedy[r] = greedy[r] and int(logps[i].argmax()) == target
+    return list(zip(totals, greedy, strict=True))

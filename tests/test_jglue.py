@@ -109,7 +109,7 @@ def test_acc_norm_divides_by_the_choices_characters(tmp_path: Path, monkeypatch:
     row.update(choice0="あ", choice1="いいいい", label=1)
     (data / "jcommonsenseqa-v1.3" / "valid-v1.3.json").write_text(json.dumps(row, ensure_ascii=False) + "\n")
     # log-likelihoods -2 for the 1-character choice, -4 for the 4-character one: acc picks 0, acc_norm picks 1
-    monkeypatch.setattr(jglue, "score_pairs", lambda model, pairs, n, b: [(-2.0, False), (-4.0, False)] +
+    monkeypatch.setattr(jglue, "score_shared", lambda model, head, choices, n: [(-2.0, False), (-4.0, False)] +
                         [(-50.0, False)] * 3)
     result = jglue.evaluate(kataru.load(progress=False), "jcommonsenseqa", data, "0.1", shots=0, progress=False)
     assert (result["acc"], result["acc_norm"]) == (0.0, 1.0)

@@ -4,8 +4,9 @@ pretrained=FOLDER` and `kataru eval lm-eval` run any harness task (local YAML ta
 
 Log-likelihoods: the context and the continuation are tokenized apart (the context with the checkpoint's
 special tokens, as `kataru eval` encodes a prompt; the continuation without), and the requests that share a
-context are scored in one padded batch, a question's choices together. Generation goes through the engine,
-which batches the requests (`batch_size` at a time) and stops them at the task's `until` strings.
+context are scored together, the context computed once (`kataru.scoring.score_shared`). Generation goes
+through the engine, which batches the requests (`batch_size` at a time) and stops them at the task's `until`
+strings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from kataru.llm import DEFAULT_MODEL, LLM, load
-from kataru.scoring import score_pairs
+from kataru.scoring import score_pairs, score_shared
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -51,13 +52,16 @@ class KataruLM(LM):
         for request in requests:
             context, continuation = request.args
             pairs.append((self._context(context) if context else start, tokenizer.encode(continuation)))
-        order = sorted(range(len(pairs)), key=lambda i: (pairs[i][0], i))  # a context's requests side by side
+        groups: dict[tuple[int, ...], list[int]] = {}  # the requests that share a context: scored together
+        for i, (context, _) in enumerate(pairs):
+            groups.setdefault(tuple(context), []).append(i)
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm)
-        for chunk in _batches(order, self.batch_size):
-            for i, result in zip(chunk, self._score([pairs[i] for i in chunk]), strict=True):
+        for context, members in groups.items():
+            scored = score_shared(self.llm.model, list(context), [pairs[i][1] for i in members], self.max_length)
+            for i, result in zip(members, scored, strict=True):
                 results[i] = result
-            bar.update(len(chunk))
+            bar.update(len(members))
         bar.close()
         return results  # type: ignore[return-value]
 

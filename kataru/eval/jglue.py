@@ -7,8 +7,10 @@ same generator draws each document's shots (`sample` from the train split; strat
 from the valid split outside the document where the data has no train split, as the harness itself does);
 the context is `DESCRIPTION + FEWSHOT_SEP.join(text + target of each shot) + FEWSHOT_SEP + text`; context
 and each choice are tokenized apart without special tokens and scored by log-likelihood, the sequence cut
-on the left to the model's context; `acc` is the argmax, `acc_norm` the argmax per character of the choice.
-Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4) and JNLI 1.3 (0.2, 0.3, 0.4).
+on the left to the model's context (computed once for all the choices: `score_shared`); `acc` is the
+argmax, `acc_norm` the argmax per character of the choice.
+Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4), JNLI 1.3 (0.2, 0.3, 0.4) and
+JSQuAD 1.1 (0.1, 0.2, 0.3, 0.4; greedy answers, exact match and F1 over MeCab words).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from kataru.data.jglue import CHOICE_KEYS, read_questions
 from kataru.errors import KataruError
 from kataru.files import iter_jsonl, read_json
-from kataru.scoring import score_pairs
+from kataru.scoring import score_shared
 
 ALPACA = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
 NLI_CHOICES = ["含意", "矛盾", "中立"]
@@ -223,8 +225,8 @@ def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: in
     for doc in tqdm(docs, desc=f"{task}-{task_version}-{version}", unit="doc", disable=not progress):
         ctx = context(prompt, doc, draw.draw(doc, k, rnd))
         head = tokenizer.encode(ctx, add_special_tokens=False)
-        scored = score_pairs(llm.model, [(head, tokenizer.encode(c, add_special_tokens=False))
-                                         for c in doc["choices"]], llm.config.max_seq_len, batch_size)
+        scored = score_shared(llm.model, head, [tokenizer.encode(c, add_special_tokens=False) for c in doc["choices"]],
+                              llm.config.max_seq_len)
         logps = [logp for logp, _ in scored]
         pred = max(range(len(logps)), key=logps.__getitem__)
         pred_norm = max(range(len(logps)), key=lambda i: logps[i] / len(doc["choices"][i]))
