@@ -136,6 +136,14 @@ def test_a_run_judged_by_a_live_server_resumes_and_counts_unparsable_judgments(t
         assert again.startswith(kept) and len(again.splitlines()) == 4
         redone = [json.loads(line) for line in again.splitlines()[2:]]
         assert requests_served(judge.base) - before == sum(j["tries"] for j in redone)  # only the two left
+
+        rounds = tmp_path / "rounds"  # --rounds 2: each round answers anew (its own seed) and is judged anew
+        assert main([*args[:5], str(rounds), *args[6:], "--rounds", "2", "--limit", "1"]) in (0, None)
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kataru-tiny-ja"]
+        assert len(summary["rounds"]) == 2 and summary["judgments"] == 4 and summary["questions"] == 1
+        for r in (1, 2):
+            assert len((rounds / f"round-{r}" / "answers.jsonl").read_text().splitlines()) == 1
+            assert len((rounds / f"round-{r}" / "judgments.jsonl").read_text().splitlines()) == 2
     finally:
         judge.stop()
 

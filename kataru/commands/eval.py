@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "(a run there resumes; default: mt-bench-<model folder name>)")
     mt.add_argument("--judge-max-tokens", type=int, default=2048, help="the judge's max_tokens (llm-jp-judge: 2048)")
     mt.add_argument("--workers", type=int, default=8, help="questions answered (and judged) at a time")
+    mt.add_argument("--rounds", type=int, default=1,
+                    help="answer and judge this many times (seeds 0, 1, ...) and average (llm-jp's card: 3)")
     mt.add_argument("--replay", help="score judgments already made (FastChat's gpt-4_single.jsonl), no judge")
     mt.add_argument("--plot", help="mt-bench: also draw the categories as a radar chart here")
 
@@ -116,24 +118,33 @@ def mt_bench(args: argparse.Namespace, folder: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     llm = load(folder, dtype=args.dtype, max_batch=max(1, args.workers))
 
-    def generate(history: list[dict[str, str]], temperature: float) -> str:
-        # up to 1024 new tokens, fewer where the dialogue leaves less of the context (nothing when it is full)
-        room = llm.config.max_seq_len - len(llm.encode_prompt(history, system=mtbench.SYSTEM))
-        if room < 1:
-            return ""
-        return llm.generate(history, system=mtbench.SYSTEM, temperature=temperature,
-                            max_new_tokens=min(mtbench.MAX_NEW_TOKENS, room), seed=0)
-
-    with tqdm(total=len(bench.questions), desc="answers", unit="q") as bar:
-        answers = mtbench.answer_all(generate, bench, mtbench.Log(out / "answers.jsonl"), args.workers, bar)
-    judgments = mtbench.Log(out / "judgments.jsonl")
     judge = mtbench.Judge(args.judge_url, args.judge_model, key, max_tokens=args.judge_max_tokens)
-    with tqdm(total=sum(len(q["turns"]) for q in bench.questions), desc="judged", unit="turn") as bar:
-        mtbench.judge_all(judge, bench, answers, judgments, min(args.workers, 4), bar)
     asked = {q["question_id"] for q in bench.questions}
-    results = {folder.name: mtbench.summarize(r for r in judgments.rows if r["question_id"] in asked)}
+    rows, scores = [], []
+    for round_ in range(1, args.rounds + 1):  # rounds answer anew (seed = round - 1) and are judged anew
+        where = out if args.rounds == 1 else out / f"round-{round_}"
+        where.mkdir(parents=True, exist_ok=True)
+
+        def generate(history: list[dict[str, str]], temperature: float, seed: int = round_ - 1) -> str:
+            # up to 1024 new tokens, fewer where the dialogue leaves less of the context (none when it is full)
+            room = llm.config.max_seq_len - len(llm.encode_prompt(history, system=mtbench.SYSTEM))
+            if room < 1:
+                return ""
+            return llm.generate(history, system=mtbench.SYSTEM, temperature=temperature,
+                                max_new_tokens=min(mtbench.MAX_NEW_TOKENS, room), seed=seed)
+
+        label = "" if args.rounds == 1 else f" (round {round_})"
+        with tqdm(total=len(bench.questions), desc="answers" + label, unit="q") as bar:
+            answers = mtbench.answer_all(generate, bench, mtbench.Log(where / "answers.jsonl"), args.workers, bar)
+        judgments = mtbench.Log(where / "judgments.jsonl")
+        with tqdm(total=sum(len(q["turns"]) for q in bench.questions), desc="judged" + label, unit="turn") as bar:
+            mtbench.judge_all(judge, bench, answers, judgments, min(args.workers, 4), bar)
+        done = [r for r in judgments.rows if r["question_id"] in asked]
+        rows += done
+        scores.append(mtbench.summarize(done)["score"])
+    results = {folder.name: mtbench.summarize(rows)}  # over every round's judgments: the mean of the rounds
     results[folder.name].update(judge=args.judge_model, judge_url=args.judge_url, lang=args.lang,
-                                questions=len(bench.questions))
+                                questions=len(bench.questions), rounds=scores)
     write_atomic(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
     if args.plot:
         mtbench.radar(results, Path(args.plot))
