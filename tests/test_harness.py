@@ -51,6 +51,12 @@ def test_loglikelihoods_are_the_models_own(lm: KataruLM) -> None:
     assert rolling == pytest.approx(direct_logp(llm, ids, 1), abs=1e-3)  # every token once, after BOS
 
 
+def test_the_harness_keeps_its_own_models_beside_kataru() -> None:
+    from lm_eval.api.registry import get_model
+
+    assert get_model("kataru") is KataruLM and get_model("local-completions").__name__ == "LocalCompletionsAPI"
+
+
 def test_generation_is_the_engines(lm: KataruLM) -> None:
     prompts = ["日本の首都はどこですか。", "春といえば"]
     kwargs = {"until": ["。"], "max_gen_toks": 20, "do_sample": False}
