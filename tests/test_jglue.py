@@ -132,8 +132,12 @@ def test_the_command_on_the_real_files(tmp_path: Path, capsys: pytest.CaptureFix
                                                                                        "train")
     assert jnli["shots_from"].startswith("valid") and jnli["documents"] == 4 and len(jnli["items"]) == 4
     assert all(len(i["logprobs"]) == 3 and i["context"].count("関係:") == 4 for i in jnli["items"])
-    assert main(["eval", "jglue"]) == 2  # the embedded model's style has no jp-stable version: said in one line
-    assert "--prompt-version" in capsys.readouterr().err
+    # the embedded model speaks llm-jp's chat format, which no jp-stable version is: auto says so and uses it
+    assert main(["eval", "jglue", "--tasks-jglue", "jnli", "--limit", "2", "--json"]) in (0, None)
+    (chat,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert chat["prompt_version"] == "chat" and "not a jp-stable" in chat["prompt_note"]
+    assert main(["eval", "jglue", "--prompt-version", "0.9"]) == 2
+    assert "no prompt version 0.9" in capsys.readouterr().err
 
 
 QA = {"id": "q1", "title": "梅雨", "context": "梅雨 [SEP] 梅雨は雨の多い時期である。", "question": "梅雨は何の時期か。",
@@ -191,3 +195,24 @@ def test_jsquad_answers_stop_at_the_separator_within_the_longest_gold(tmp_path: 
         assert "\n" not in item["prediction"] and len(llm.tokenizer.encode(item["prediction"])) <= longest + 1
         assert item["f1"] == max(jglue.f1(item["prediction"], a) for a in item["answers"])
     assert result["f1"] == pytest.approx(100 * sum(i["f1"] for i in result["items"]) / 2)
+
+
+def test_a_chat_model_gets_each_document_in_its_chat_template(tmp_path: Path) -> None:
+    llm = kataru.load(progress=False)  # llm-jp's chat template
+    data = jcqa_folder(tmp_path, valid=3, train=10)
+    result = jglue.evaluate(llm, "jcommonsenseqa", data, "auto", shots=1, limit=1, progress=False)
+    assert result["prompt_version"] == "chat" and "chat template" in result["prompt_note"]
+    item = result["items"][0]
+    valid, train = jglue.read_docs("jcommonsenseqa", data)
+    rnd = random.Random(42)
+    order = list(valid)
+    rnd.shuffle(order)
+    doc, (shot,) = order[0], rnd.sample(train, 1)
+
+    def user(d: dict) -> str:
+        listed = "\n".join(f"- {c}" for c in d["choices"])
+        return f"与えられた選択肢の中から、最適な答えを選んでください。\n\n質問：{d['goal']}\n選択肢：\n{listed}"
+
+    messages = [{"role": "user", "content": user(shot)},
+                {"role": "assistant", "content": shot["choices"][shot["gold"]]}, {"role": "user", "content": user(doc)}]
+    assert item["context"] == llm.prompt_text(messages)

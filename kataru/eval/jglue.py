@@ -116,7 +116,7 @@ JSQUAD = {
 # task: (version, prompts, the ja8 suite's shots)
 TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3), "jsquad": ("1.1", JSQUAD, 2)}
 GENERATED = {"jsquad"}
-AUTO = {"rinna": "0.4", "alpaca-ja": "0.3", "raw": "0.2"}  # the prompt version of each card's format
+AUTO = {"rinna": "0.4", "alpaca-ja": "0.3", "raw": "0.2"}  # the jp-stable prompt version of each card's format
 
 
 def read_docs(task: str, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -189,15 +189,34 @@ def context(prompt: Prompt, doc: dict[str, Any], shots: list[dict[str, Any]]) ->
     return prompt.description + (labeled + prompt.fewshot_sep if shots else "") + prompt.text(doc)
 
 
+# "chat": not a jp-stable version. A chat model without one of the harness's formats (llm-jp) gets each
+# document as a user message in its own chat template, the shots as earlier turns answered by the assistant.
+CHAT = {
+    "jcommonsenseqa": lambda d: f"{CHOOSE}\n\n質問：{d['goal']}\n選択肢：\n{_listed(d)}",
+    "jnli": lambda d: (f"{RELATION}{FROM}\n" + "\n".join(NLI_CHOICES)
+                       + f"\n\n前提：{d['premise']}\n仮説：{d['hypothesis']}"),
+    "jsquad": lambda d: f"{EXTRACT}\n\n文脈：{_passage(d)}\n質問：{d['question']}",
+}
+CHAT_NOTE = "the checkpoint's chat template (kataru's; not a jp-stable prompt version)"
+
+
+def chat_context(llm: Any, task: str, prompt: Prompt, doc: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": CHAT[task](shot)},
+                     {"role": "assistant", "content": prompt.target(shot)}]
+    return llm.prompt_text([*messages, {"role": "user", "content": CHAT[task](doc)}])
+
+
 def resolve_version(task: str, version: str, style: str) -> str:
     prompts = TASKS[task][1]
     if version == "auto":
-        if style not in AUTO:
-            raise KataruError(f"no jp-stable prompt version matches the {style!r} prompt style (llm-jp's chat "
-                              f"template is not one of the harness's); pass --prompt-version {'|'.join(prompts)}")
-        version = AUTO[style]
-    if version not in prompts:
-        raise KataruError(f"{task} has no prompt version {version}; use one of {', '.join(prompts)}")
+        version = "chat" if style == "llm-jp" else AUTO.get(style, "")
+        if not version:
+            raise KataruError(f"no prompt version matches the {style!r} prompt style; pass --prompt-version "
+                              f"{'|'.join(prompts)}|chat")
+    if version != "chat" and version not in prompts:
+        raise KataruError(f"{task} has no prompt version {version}; use one of {', '.join(prompts)} or chat")
     return version
 
 
@@ -206,7 +225,11 @@ def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: in
     """acc and acc_norm of a loaded `kataru.LLM` on one task, with every item's context, scores and prediction."""
     task_version, prompts, default_shots = TASKS[task]
     version = resolve_version(task, version, llm.prompt_style.name)
-    prompt = prompts[version]
+    prompt = prompts["0.3" if version == "chat" else version]  # chat: the targets and separator of 0.3
+
+    def make(doc: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+        return chat_context(llm, task, prompt, doc, shots) if version == "chat" else context(prompt, doc, shots)
+
     k = default_shots if shots is None else shots
     valid, train = read_docs(task, folder)
     draw = Shots(prompt, train, valid, stratified=task == "jnli")
@@ -216,14 +239,15 @@ def evaluate(llm: Any, task: str, folder: Path, version: str = "auto", shots: in
     rnd.shuffle(docs)
     docs = docs[:limit]
     tokenizer = llm.tokenizer
-    header = {"task": task, "task_version": task_version, "prompt_version": version, "shots": k,
+    header = {"task": task, "task_version": task_version, "prompt_version": version,
+              **({"prompt_note": CHAT_NOTE} if version == "chat" else {}), "shots": k,
               "shots_from": "train" if train is not None else "valid (outside the evaluated document)"}
     if task in GENERATED:
-        contexts = [context(prompt, doc, draw.draw(doc, k, rnd)) for doc in docs]
+        contexts = [make(doc, draw.draw(doc, k, rnd)) for doc in docs]
         return {**header, **extract(llm, prompt, docs, contexts, batch_size, progress)}
     items = []
     for doc in tqdm(docs, desc=f"{task}-{task_version}-{version}", unit="doc", disable=not progress):
-        ctx = context(prompt, doc, draw.draw(doc, k, rnd))
+        ctx = make(doc, draw.draw(doc, k, rnd))
         head = tokenizer.encode(ctx, add_special_tokens=False)
         scored = score_shared(llm.model, head, [tokenizer.encode(c, add_special_tokens=False) for c in doc["choices"]],
                               llm.config.max_seq_len)
