@@ -122,8 +122,9 @@ def test_the_command_on_the_real_files(tmp_path: Path, capsys: pytest.CaptureFix
     if not (SHARED / "jglue" / "jnli-v1.3" / "valid-v1.3.json").is_file():
         pytest.skip("no JGLUE in the data folder ($KATARU_DATA or shared/data beside the checkout)")
     out = tmp_path / "jglue.json"
-    assert main(["eval", "jglue", "--prompt-version", "0.2", "--limit", "4", "--output", str(out), "--json"]) in (
-        0, None)
+    assert main(["eval", "jglue", "--prompt-version", "0.2", "--limit", "4", "--output", str(out), "--json",
+                 "--plot", str(tmp_path / "jglue.png")]) in (0, None)
+    assert (tmp_path / "jglue.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == report and report["harness"].startswith("jp-stable")
     jcqa, jnli, jsquad = report["results"]

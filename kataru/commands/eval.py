@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--rounds", type=int, default=1,
                     help="answer and judge this many times (seeds 0, 1, ...) and average (llm-jp's card: 3)")
     mt.add_argument("--replay", help="score judgments already made (FastChat's gpt-4_single.jsonl), no judge")
-    mt.add_argument("--plot", help="mt-bench: also draw the categories as a radar chart here")
+    p.add_argument("--plot", help="jglue: the scores as bars; mt-bench: the categories as a radar chart (PNG)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -209,6 +209,8 @@ def jglue(args: argparse.Namespace, folder: Any) -> None:
         report["results"].append(tasks.evaluate(llm, name, data, args.prompt_version, k, args.limit))
     if args.output:
         write_atomic(Path(args.output), json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    if args.plot:
+        tasks.plot(report["results"], Path(args.plot), f"JGLUE: {Path(folder).name}")
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return

@@ -336,3 +336,28 @@ def f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = same / len(predicted), same / len(expected)
     return 2 * precision * recall / (precision + recall)
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Each task's headline figures as bars (acc and acc_norm; JSQuAD's EM and F1), ×100 (`kataru[bench]`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for r in results:
+        pairs = [("EM", r["exact_match"]), ("F1", r["f1"])] if "f1" in r else [("acc", 100 * r["acc"]),
+                                                                             ("acc_norm", 100 * r["acc_norm"])]
+        for name, value in pairs:
+            labels.append(f"{r['task']} {r['prompt_version']}\n{name}")
+            values.append(value)
+    figure, axes = plt.subplots(figsize=(1.4 * len(values) + 2, 4))
+    bars = axes.bar(range(len(values)), values, color=["#4c72b0", "#9db4d8"] * len(results))
+    axes.bar_label(bars, fmt="%.1f")
+    axes.set_xticks(range(len(values)), labels, fontsize=8)
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("×100")
+    axes.set_title(title or "JGLUE (jp-stable mechanics)")
+    figure.savefig(path, bbox_inches="tight", dpi=120)
+    plt.close(figure)
