@@ -217,3 +217,31 @@ def test_a_chat_model_gets_each_document_in_its_chat_template(tmp_path: Path) ->
     messages = [{"role": "user", "content": user(shot)},
                 {"role": "assistant", "content": shot["choices"][shot["gold"]]}, {"role": "user", "content": user(doc)}]
     assert item["context"] == llm.prompt_text(messages)
+
+
+def test_jnli_1_1_has_english_labels_and_plain_shots(tmp_path: Path) -> None:
+    doc = {"premise": "猫が寝ている。", "hypothesis": "動物がいる。", "choices": jglue.NLI_EN, "gold": 0}
+    assert jglue.context(jglue.JNLI_11["0.2"], doc, []) == (
+        "前提と仮説の関係をentailment、contradiction、neutralの中から回答してください。\n\n制約:\n"
+        "- 前提から仮説が、論理的知識や常識的知識を用いて導出可能である場合はentailmentと出力\n"
+        "- 前提と仮説が両立しえない場合はcontradictionと出力\n- そのいずれでもない場合はneutralと出力\n\n"
+        "前提:猫が寝ている。\n仮説:動物がいる。\n関係:")
+    assert jglue.JNLI_11["0.4"].description == (
+        "ユーザー: 与えられた前提と仮説の関係を回答してください。出力は以下から選択してください：<NL>entailment<NL>"
+        "contradiction<NL>neutral<NL>システム: 分かりました。<NL>")
+    folder = tmp_path / "jglue" / "jnli-v1.3"
+    folder.mkdir(parents=True)
+    labels = ["entailment", "contradiction", "neutral"]
+    (folder / "valid-v1.3.json").write_text("".join(json.dumps(
+        {"sentence1": f"前提{i}", "sentence2": f"仮説{i}", "label": labels[i % 3]}, ensure_ascii=False) + "\n"
+        for i in range(9)))
+    result = jglue.evaluate(kataru.load(progress=False), "jnli-1.1", folder.parent, "0.2", shots=2, limit=3,
+                            progress=False)
+    assert result["task_version"] == "1.1" and all(i["choices"] == jglue.NLI_EN for i in result["items"])
+    valid, _ = jglue.read_docs("jnli-1.1", folder.parent)
+    rnd = random.Random(42)  # no train split: k + 1 drawn from valid, the document itself left out; not stratified
+    order = list(valid)
+    rnd.shuffle(order)
+    for doc, item in zip(order[:3], result["items"], strict=True):
+        shots = [s for s in rnd.sample(valid, 3) if s != doc][:2]
+        assert item["context"] == jglue.context(jglue.JNLI_11["0.2"], doc, shots)

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     jglue = p.add_argument_group("jglue (the jp-stable harness's JGLUE tasks)")
     jglue.add_argument("--tasks-jglue", dest="jglue_tasks", default="jcommonsenseqa,jnli,jsquad",
-                       help="jcommonsenseqa, jnli, jsquad (comma-separated)")
+                       help="jcommonsenseqa, jnli (1.3), jnli-1.1 (the published tables'), jsquad (comma-separated)")
     jglue.add_argument("--prompt-version", default="auto",
                        help="auto (the card's format: rinna 0.4, JSLM instruct 0.3, base 0.2) or a version")
     jglue.add_argument("--fewshot", help="shots per task, comma-separated (default: the ja8 suite's: 3, 3, 2)")

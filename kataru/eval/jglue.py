@@ -9,7 +9,8 @@ the context is `DESCRIPTION + FEWSHOT_SEP.join(text + target of each shot) + FEW
 and each choice are tokenized apart without special tokens and scored by log-likelihood, the sequence cut
 on the left to the model's context (computed once for all the choices: `score_shared`); `acc` is the
 argmax, `acc_norm` the argmax per character of the choice.
-Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4), JNLI 1.3 (0.2, 0.3, 0.4) and
+Implemented: JCommonsenseQA 1.1 (prompt versions 0.1, 0.2, 0.2.1, 0.3, 0.4), JNLI 1.3 (0.2, 0.3, 0.4; its
+labels in Japanese, shots stratified) and 1.1 (`jnli-1.1`: English labels, plain shots: the published tables') and
 JSQuAD 1.1 (0.1, 0.2, 0.3, 0.4; greedy answers, exact match and F1 over MeCab words).
 """
 
@@ -91,6 +92,19 @@ JNLI = {
                   lambda d: f"ユーザー: 前提：{d['premise']}<NL>仮説：{d['hypothesis']}<NL>システム: ",
                   _choice, "<NL>"),
 }
+NLI_EN = ["entailment", "contradiction", "neutral"]  # JNLI 1.1's labels, those of the published tables
+JNLI_11 = {
+    "0.2": Prompt("前提と仮説の関係をentailment、contradiction、neutralの中から回答してください。\n\n制約:\n"
+                  "- 前提から仮説が、論理的知識や常識的知識を用いて導出可能である場合はentailmentと出力\n"
+                  "- 前提と仮説が両立しえない場合はcontradictionと出力\n"
+                  "- そのいずれでもない場合はneutralと出力\n\n",
+                  lambda d: f"前提:{d['premise']}\n仮説:{d['hypothesis']}\n関係:", _choice),
+    "0.3": Prompt(ALPACA, lambda d: _alpaca(f"{RELATION}\n\n{FROM}\n" + "\n".join(NLI_EN),
+                                            f"前提：{d['premise']}\n仮説：{d['hypothesis']}"), _choice),
+    "0.4": Prompt(f"ユーザー: {RELATION}{FROM}<NL>" + "<NL>".join(NLI_EN) + "<NL>システム: 分かりました。<NL>",
+                  lambda d: f"ユーザー: 前提：{d['premise']}<NL>仮説：{d['hypothesis']}<NL>システム: ",
+                  _choice, "<NL>"),
+}
 EXTRACT = "与えられた文脈から、質問に対する答えを抜き出してください。"
 
 
@@ -114,7 +128,8 @@ JSQUAD = {
                   "<NL>", "<NL>"),
 }
 # task: (version, prompts, the ja8 suite's shots)
-TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3), "jsquad": ("1.1", JSQUAD, 2)}
+TASKS = {"jcommonsenseqa": ("1.1", JCOMMONSENSEQA, 3), "jnli": ("1.3", JNLI, 3), "jnli-1.1": ("1.1", JNLI_11, 3),
+         "jsquad": ("1.1", JSQUAD, 2)}
 GENERATED = {"jsquad"}
 AUTO = {"rinna": "0.4", "alpaca-ja": "0.3", "raw": "0.2"}  # the jp-stable prompt version of each card's format
 
@@ -143,13 +158,14 @@ def read_docs(task: str, folder: Path) -> tuple[list[dict[str, Any]], list[dict[
         train = base / "train-v1.3.json"
         return questions(base / "valid-v1.3.json"), (questions(train) if train.is_file() else None)
     base = folder / "jnli-v1.3"
+    choices = NLI_EN if task == "jnli-1.1" else NLI_CHOICES
 
     def pairs(path: Path) -> list[dict[str, Any]]:
         docs = []
         for number, row in iter_jsonl(path, "pass JNLI's valid-v1.3.json"):
             if row.get("label") not in NLI_LABELS:
                 raise KataruError(f"{path}:{number} is not a JNLI row (sentence1, sentence2, label)")
-            docs.append({"premise": row["sentence1"], "hypothesis": row["sentence2"], "choices": NLI_CHOICES,
+            docs.append({"premise": row["sentence1"], "hypothesis": row["sentence2"], "choices": choices,
                          "gold": NLI_LABELS[row["label"]]})
         return docs
 
@@ -195,6 +211,8 @@ CHAT = {
     "jcommonsenseqa": lambda d: f"{CHOOSE}\n\n質問：{d['goal']}\n選択肢：\n{_listed(d)}",
     "jnli": lambda d: (f"{RELATION}{FROM}\n" + "\n".join(NLI_CHOICES)
                        + f"\n\n前提：{d['premise']}\n仮説：{d['hypothesis']}"),
+    "jnli-1.1": lambda d: (f"{RELATION}{FROM}\n" + "\n".join(NLI_EN)
+                           + f"\n\n前提：{d['premise']}\n仮説：{d['hypothesis']}"),
     "jsquad": lambda d: f"{EXTRACT}\n\n文脈：{_passage(d)}\n質問：{d['question']}",
 }
 CHAT_NOTE = "the checkpoint's chat template (kataru's; not a jp-stable prompt version)"
