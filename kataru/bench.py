@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from kataru import dispatch, kernels
+from kataru.charts import pyplot
 from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
@@ -359,13 +360,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise KataruError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     metrics = [("prefill_tok_s", "prefill tok/s"), ("decode_b1_tok_s", "decode b1 tok/s"),
                ("decode_b8_tok_s", "decode b8 tok/s")]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))

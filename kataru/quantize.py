@@ -33,7 +33,34 @@ METHODS = ("int8", "int4")
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f32"}  # activation types in plan kinds
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: their paths (kataru's kernel, torch's packed matmul, dequantize and
+    then float32 or 16-bit GEMM), chosen per call by `kataru.dispatch` on the CPU; torch's elsewhere."""
+
+    in_features: int
+    out_features: int
+    paths = ("kernel", "torch", "dequant", "dequant16")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.run("torch", x)
+        return self.run(dispatch.choose(self, x), x)
+
+    @property
+    def plan_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def torch_path(self, x: Tensor, rows: int) -> str:
+        return "torch" if self.can_run("torch", x) else "dequant"
+
+    def can_run(self, path: str, x: Tensor) -> bool:
+        raise NotImplementedError
+
+    def run(self, path: str, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     """int8 weights with one scale per output row. Where the shape allows (out % 8 == 0, in % 64 == 0) the
     weight is stored in the kernel's tiled layout (`kernels.tile_int8`), else row by row."""
 
@@ -70,21 +97,11 @@ class Int8Linear(nn.Module):
         """The int8 values as [out, in]."""
         return kernels.untile_int8(self.weight) if self.tiled else self.weight
 
-    # --- paths (`kataru.dispatch` picks one per call) --------------------------------------------------
-    paths = ("kernel", "torch", "dequant", "dequant16")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return self.run("torch", x)
-        return self.run(dispatch.choose(self, x), x)
+    # --- paths (`kataru.dispatch` picks one per call; the plumbing is QuantizedLinear's) -----------------
 
     @property
     def plan_kind(self) -> str:
         return "int8-" + SHORT[self.scales.dtype]
-
-    @property
-    def plan_shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
 
     def can_run(self, path: str, x: Tensor) -> bool:
         if path == "kernel":
@@ -117,9 +134,6 @@ class Int8Linear(nn.Module):
             return "dequant"
         return "torch"
 
-    def torch_path(self, x: Tensor, rows: int) -> str:
-        return "torch" if self.can_run("torch", x) else "dequant"
-
     def reference_weight(self) -> Tensor:
         return self.plain_weight().float() * self.scales.float().unsqueeze(1)
 
@@ -132,7 +146,7 @@ def int4_group_size(in_features: int, wanted: int) -> int:
     raise KataruError(f"int4 needs input widths divisible by 64; got {in_features}; use int8")
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """4-bit asymmetric groups: w ≈ (q - 8) * scale + zero, q in 0..15, stored two to a byte in tiles of 8 rows
     (`kernels.pack_int4`).
 
@@ -193,21 +207,11 @@ class Int4Linear(nn.Module):
             self.scale_min = kernels.int4_scale_min(scales, zeros - 8 * scales)
         return self.scale_min
 
-    # --- paths (`kataru.dispatch` picks one per call) --------------------------------------------------
-    paths = ("kernel", "torch", "dequant", "dequant16")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return self.run("torch", x)
-        return self.run(dispatch.choose(self, x), x)
+    # --- paths (`kataru.dispatch` picks one per call; the plumbing is QuantizedLinear's) -----------------
 
     @property
     def plan_kind(self) -> str:
         return "int4-" + SHORT[self.scales_and_zeros.dtype]
-
-    @property
-    def plan_shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
 
     def can_run(self, path: str, x: Tensor) -> bool:
         if path == "kernel":
@@ -239,9 +243,6 @@ class Int4Linear(nn.Module):
         if kernels.usable(x, self.qweight):
             return "kernel"
         return "dequant" if rows >= Linear.upcast_rows or x.requires_grad else "torch"
-
-    def torch_path(self, x: Tensor, rows: int) -> str:
-        return "torch" if self.can_run("torch", x) else "dequant"
 
     def reference_weight(self) -> Tensor:
         return self.dequantize()

@@ -57,22 +57,22 @@ def score_pairs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_
                 batch_size: int = 8) -> list[tuple[float, bool]]:
     """(summed log p of the continuation, whether greedy decoding gives it) for each (context ids,
     continuation ids) pair, the sequence cut on the left to `max_length` + 1 tokens (as the harnesses do).
-    Pairs go `batch_size` at a time, right-padded; put those that share a context side by side."""
+    Pairs go `batch_size` at a time, right-padded (`pad_batch`)."""
     out = []
     device = next(model.parameters()).device
     for i in range(0, len(pairs), batch_size):
-        batch = pairs[i:i + batch_size]
-        rows = [(context + continuation)[-(max_length + 1):] for context, continuation in batch]
-        inputs = torch.zeros(len(rows), max(len(r) for r in rows) - 1, dtype=torch.long)
-        for row, ids in enumerate(rows):
-            inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-        logps = model(inputs.to(device)).float().log_softmax(-1).cpu()
-        for row, ((_, continuation), ids) in enumerate(zip(batch, rows, strict=True)):
-            n = len(continuation)
-            picked = logps[row, len(ids) - 1 - n:len(ids) - 1]
-            targets = torch.tensor(continuation)
-            out.append((float(picked.gather(-1, targets.unsqueeze(-1)).sum()),
-                        bool((picked.argmax(-1) == targets).all())))
+        examples = []
+        for context, continuation in pairs[i:i + batch_size]:
+            ids = (context + continuation)[-(max_length + 1):]
+            examples.append((ids, [IGNORE] * (len(ids) - len(continuation)) + continuation))
+        batch = pad_batch(examples, 0, device)
+        logps = model(batch["inputs"]).float().log_softmax(-1)
+        targets = batch["targets"]
+        mask = targets != IGNORE
+        picked = torch.gather(logps, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums = (picked * mask).sum(-1).tolist()
+        greedy = ((logps.argmax(-1) == targets) | ~mask).all(-1).tolist()
+        out += list(zip(sums, greedy, strict=True))
     return out
 
 

@@ -253,3 +253,35 @@ def generate_alone(model: torch.nn.Module, prompt: list[int], params: SamplingPa
         if token in eos_ids and not params.ignore_eos:
             break
     return out
+
+
+def jcqa_task(llm, rows: int, folder: Path, name: str) -> Path | None:  # type: ignore[no-untyped-def]
+    """A local lm-evaluation-harness task over the first `rows` JCommonsenseQA validation questions, each
+    prompt as `llm` formats it (what `kataru eval jcommonsenseqa` scores): the task folder, with the
+    questions in `folder/questions.jsonl`; None without the JGLUE data."""
+    from kataru.data.jglue import CHOICE_KEYS, question_text, read_questions
+
+    valid = SHARED / "jglue" / "jcommonsenseqa-v1.3" / "valid-v1.3.json"
+    if not valid.is_file():
+        return None
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps({**row, "prompt": llm.prompt_text(question_text(row)),
+                                        "choices": [row[k] for k in CHOICE_KEYS]}, ensure_ascii=False) + "\n"
+                            for row in read_questions(valid)[:rows]), encoding="utf-8")
+    tasks = folder / "tasks"
+    tasks.mkdir()
+    (tasks / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""", encoding="utf-8")
+    return tasks

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,10 @@ from typing import Any
 
 import httpx
 
+from kataru.serve.loadgen import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(base: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:

@@ -67,38 +67,17 @@ def test_generation_is_the_engines(lm: KataruLM) -> None:
 
 def test_a_local_task_scores_as_kataru_eval(lm: KataruLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from helpers import SHARED
+    from helpers import jcqa_task
 
-    valid = SHARED / "jglue" / "jcommonsenseqa-v1.3" / "valid-v1.3.json"
-    if not valid.is_file():
-        pytest.skip(f"{valid} is absent (the JGLUE data lives outside the repository)")
-    from kataru.data.jglue import CHOICE_KEYS, question_text, read_questions
     from kataru.eval.jcommonsenseqa import evaluate
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     llm = lm.llm
-    rows = read_questions(valid)[:30]
+    tasks = jcqa_task(llm, 30, tmp_path, "jcqa_local")
+    if tasks is None:
+        pytest.skip("no JGLUE in the data folder (it lives outside the repository)")
     data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps({**row, "prompt": llm.prompt_text(question_text(row)),
-                                        "choices": [row[k] for k in CHOICE_KEYS]}, ensure_ascii=False) + "\n"
-                            for row in rows), encoding="utf-8")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "jcqa_local.yaml").write_text(f"""task: jcqa_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-""", encoding="utf-8")
     results = lm_eval.simple_evaluate(model=lm, tasks=["jcqa_local"],
                                       task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks)))
     expected = evaluate(llm, data, progress=False)["acc"]

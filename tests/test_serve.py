@@ -347,41 +347,20 @@ def test_lm_eval_local_completions_scores_as_kataru_eval(live: Process, llm: kat
     """lm-evaluation-harness' local-completions model, with the remote tokenizer (no download), runs a
     log-likelihood task over JCommonsenseQA questions against the live server: every choice's log-likelihood
     as kataru scores it, and the same accuracy as `kataru eval` on those questions."""
-    from helpers import SHARED
-
-    valid = SHARED / "jglue" / "jcommonsenseqa-v1.3" / "valid-v1.3.json"
-    if not valid.is_file():
-        pytest.skip(f"{valid} is absent (the JGLUE data lives outside the repository)")
     import lm_eval
+    from helpers import jcqa_task
 
-    from kataru.data.jglue import CHOICE_KEYS, question_text, read_questions
+    from kataru.data.jglue import question_text
     from kataru.eval.jcommonsenseqa import evaluate
     from kataru.scoring import score_choices
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the key local-completions sends (the tokenizer takes auth_token)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows = read_questions(valid)[:40]
+    tasks = jcqa_task(llm, 40, tmp_path, "jcqa_kataru")
+    if tasks is None:
+        pytest.skip("no JGLUE in the data folder (it lives outside the repository)")
     data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps({**row, "prompt": llm.prompt_text(question_text(row)),
-                                        "choices": [row[k] for k in CHOICE_KEYS]}, ensure_ascii=False) + "\n"
-                            for row in rows), encoding="utf-8")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "jcqa_kataru.yaml").write_text(f"""task: jcqa_kataru
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-""", encoding="utf-8")
     results = lm_eval.simple_evaluate(
         model="local-completions", tasks=["jcqa_kataru"], log_samples=True,
         task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks)),

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "kataru"
 
 FLOORS = [  # ground first
-    ["errors", "files", "kernels", "dispatch"],
+    ["errors", "files", "kernels", "dispatch", "charts"],
     ["config", "tokenizer"],
     ["model", "prompts", "runtime", "cards", "data"],
     ["checkpoint", "quantize", "sampling", "scoring", "grammar"],

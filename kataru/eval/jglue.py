@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kataru.charts import pyplot
 from kataru.data.jglue import CHOICE_KEYS, read_questions
 from kataru.errors import KataruError
 from kataru.files import iter_jsonl, read_json
@@ -357,11 +358,8 @@ def f1(prediction: str, gold: str) -> float:
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Each task's headline figures as bars (acc and acc_norm; JSQuAD's EM and F1), ×100 (`kataru[bench]`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Each task's headline figures as bars (acc and acc_norm; JSQuAD's EM and F1), ×100 (`kataru.charts`)."""
+    plt = pyplot()
 
     labels, values = [], []
     for r in results:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kataru.charts import pyplot
 from kataru.errors import KataruError
 from kataru.files import iter_jsonl, read_jsonl
 
@@ -228,13 +229,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def radar(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Each model's mean score per category on a radar chart (matplotlib: `pip install kataru[bench]`)."""
+    """Each model's mean score per category on a radar chart (`kataru.charts`)."""
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     categories = sorted({c for r in results.values() for c in r["categories"]})
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))] + [0.0]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kataru.charts import pyplot
 from kataru.errors import KataruError
 
 
@@ -232,13 +233,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise KataruError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for server in dict.fromkeys(r["server"] for r in report["runs"]):
         rows = [r for r in report["runs"] if r["server"] == server]

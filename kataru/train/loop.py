@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kataru.charts import pyplot
 from kataru.errors import KataruError
 from kataru.files import atomic_output, read_json, replace_dir_atomic, write_atomic
 
@@ -412,11 +413,8 @@ class Trainer:
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Training and validation loss against tokens seen (skipped when matplotlib is not installed)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except KataruError:
         return
     train = [(r.get("tokens_seen", r["step"]), r["loss"]) for r in history if "loss" in r]
     val = [(r.get("tokens_seen", r["step"]), r["val_loss"]) for r in history if "val_loss" in r]
