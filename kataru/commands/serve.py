@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 from kataru.commands.common import DTYPE_HELP
 
@@ -31,14 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-prompts", action="store_true", help="write prompts into the access log")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    scale = p.add_argument_group("replicas on Ray Serve (pip install 'kataru[cluster]')")
+    scale.add_argument("--replicas", type=int, help="serve N replicas, each with its own engine and model copy, "
+                                                    "behind one HTTP entry")
+    scale.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    scale.add_argument("--min-replicas", type=int, help="autoscale: replicas at least (on queue depth)")
+    scale.add_argument("--max-replicas", type=int, help="autoscale: replicas at most")
+    scale.add_argument("--target-ongoing", type=int, help="autoscale: requests per replica to aim for (default: "
+                                                          "--max-num-seqs)")
+    scale.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (its torch "
+                                                                      "threads)")
+    scale.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica")
 
 
 def run(args: argparse.Namespace) -> None:
     import logging
-    import os
     import signal
-    import sys
-    from pathlib import Path
 
     import uvicorn
 
@@ -55,6 +67,10 @@ def run(args: argparse.Namespace) -> None:
     settings = Settings(served_model_name=args.served_model_name or folder.resolve().name, api_keys=keys,
                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
                         metrics_public=args.metrics_public)
+
+    if args.replicas or args.min_replicas or args.max_replicas:
+        serve_replicas(args, folder, settings)
+        return
 
     def load_model():  # type: ignore[no-untyped-def]
         return load(folder, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
@@ -76,3 +92,55 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     serve_log.info("kataru serve: stopped")
+
+
+def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> None:
+    """Deploy the replicas and the entry on Ray Serve, wait for SIGTERM or Ctrl-C, then take them down."""
+    import dataclasses
+    import signal
+    import threading
+
+    from kataru.errors import KataruError
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise KataruError("--replicas needs Ray Serve: pip install 'kataru[cluster]'") from None
+    from kataru.serve.cluster import APP, application
+
+    replicas = args.replicas or args.min_replicas or 1
+    if replicas < 1 or (args.min_replicas or 1) < 1 or (args.max_replicas or replicas) < (args.min_replicas or 1):
+        raise KataruError("--replicas and --min-replicas must be at least 1, and --max-replicas at least "
+                          "--min-replicas")
+    load_options = {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
+                    "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
+                    "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant}
+    started_here = args.ray_address is None
+    # A local cluster: Ray's own processes listen on loopback too when the server does.
+    local = {"num_cpus": max(os.cpu_count() or 1, int(replicas * args.replica_cpus) + 1),
+             **({"_node_ip_address": "127.0.0.1"} if args.host in ("127.0.0.1", "localhost") else {})}
+    try:
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
+                 **(local if started_here else {}))
+    except (ConnectionError, RuntimeError) as err:
+        raise KataruError(f"cannot join the Ray cluster at {args.ray_address} ({str(err).splitlines()[0]}); check "
+                          "the address, and set RAY_AUTH_MODE=token when the cluster uses token authentication "
+                          "(`ray start`'s default)") from None
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = application(folder.resolve(), replicas=replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, target_ongoing=args.target_ongoing,
+                      replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, load_options=load_options,
+                      settings=dataclasses.asdict(settings), grace=args.grace)
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stop.set())
+    serve.run(app, name=APP, route_prefix="/")
+    print(f"kataru serve: {replicas} replicas of {folder} on http://{args.host}:{args.port} (Ray "
+          f"{'local cluster' if started_here else args.ray_address})", file=sys.stderr, flush=True)
+    stop.wait()
+    serve.delete(APP)
+    if started_here:
+        serve.shutdown()
+        ray.shutdown()
+    print("kataru serve: stopped", file=sys.stderr, flush=True)
