@@ -81,7 +81,9 @@ def add_train_config(p: argparse.ArgumentParser, **defaults: Any) -> None:
         else:
             group.add_argument(flag, type=type(default), default=default, help=TRAIN_HELP[name])
     p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, loss.png, final/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const="latest", choices=["latest", "auto"],
+                   help="continue from the latest checkpoint in --out; `--resume auto` also starts a new run when "
+                        "there is none (the one command for torchrun --max-restarts and batch schedulers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -103,7 +105,7 @@ def train(args: argparse.Namespace, model: Any, task: Any, meta: dict[str, Any])
     out = Path(args.out)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     trainer = Trainer(model, task, config, out, meta, progress=not args.no_progress)
-    if args.resume:
+    if args.resume == "latest" or (args.resume == "auto" and trainer.latest() is not None):
         trainer.resume()
     elif trainer.latest() is not None:
         raise KataruError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
