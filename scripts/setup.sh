@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 extras=""; [ "${1:-}" = "test" ] && extras="[test,bench,train,eval,cluster]"
-if [ "${1:-}" = "test" ]; then scripts/browser.sh; fi
+if [ "${1:-}" = "test" ]; then scripts/system-packages.sh; fi
 stamp=".venv/.kataru-$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 # torch pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build.

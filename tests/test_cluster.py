@@ -26,7 +26,7 @@ from kataru.serve.loadgen import free_port
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'kataru[cluster]'")
 
-from kataru.serve.cluster import merge_metrics, sample_values, session_key
+from kataru.serve.cluster import application, merge_metrics, sample_values, session_key
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -259,3 +259,22 @@ def test_merged_metrics_label_each_replica() -> None:
     assert merged['kataru:generation_tokens_total{replica="a"}'] == 5.0
     assert merged['kataru:generation_tokens_total{replica="b"}'] == 7.0
     assert merged["kataru:replicas"] == 2
+
+
+def test_the_application_asks_ray_for_what_the_flags_say(tmp_path: Path) -> None:
+    app = application(tmp_path, replicas=2, min_replicas=1, max_replicas=4, replica_cpus=3, load_options={
+        "max_batch": 8}, settings={"served_model_name": "m", "max_queue": 10, "api_keys": ["k"]})
+    entry = app._bound_deployment
+    replica = entry.init_args[0]._bound_deployment
+    assert entry.init_args[1:] == (["k"], 4 << 20, False)
+    assert entry.max_ongoing_requests >= 4 * (8 + 10)  # every replica full, and room for /health
+    assert replica.ray_actor_options == {"num_cpus": 3, "num_gpus": 0.0}
+    assert replica.max_ongoing_requests == 8 + 10
+    scaling = replica._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 2)
+    assert scaling.target_ongoing_requests == 8
+    folder, load_options, settings = replica.init_args
+    assert folder == str(tmp_path)
+    assert load_options["threads"] == 3 and settings["api_keys"] == []  # the entry checks the key
+    fixed = application(tmp_path, replicas=3, load_options={}, settings={"served_model_name": "m"})
+    assert fixed._bound_deployment.init_args[0]._bound_deployment.num_replicas == 3
