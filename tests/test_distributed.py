@@ -37,14 +37,15 @@ def run(prepared: dict[str, Path], out: Path, procs: int, batch: int, *extra: st
 class Node:
     """One torchrun "node" of two, on 127.0.0.1 with a c10d rendezvous."""
 
-    def __init__(self, prepared: dict[str, Path], out: Path, port: int, steps: int, log: Path) -> None:
+    def __init__(self, prepared: dict[str, Path], out: Path, port: int, steps: int, log: Path,
+                 extra: tuple[str, ...] = ()) -> None:
         args = [a for a in TINY_ARGS]
         args[args.index("--batch-size") + 1] = "2"
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kataru-test",
                    "--max-restarts", "1", "-m", "kataru", "pretrain", "--data", str(prepared["tokens"]),
                    "--out", str(out), "--max-steps", str(steps), "--save-every", "10", "--eval-every", "10",
-                   *args, "--resume", "auto"]
+                   *args, "--resume", "auto", *extra]
         self.log = log.open("a")
         # A node that comes back joins a new rendezvous round; torchrun's shared store forgets to publish the
         # round's master address to it unless sharing is off (docs/deployment.md says so too).
@@ -92,14 +93,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def two_nodes(prepared: dict[str, Path], out: Path, steps: int, kill_after: str | None = None) -> None:
+def two_nodes(prepared: dict[str, Path], out: Path, steps: int, kill_after: str | None = None,
+              extra: tuple[str, ...] = ()) -> None:
     """Train on two nodes; with `kill_after`, kill the second node once that checkpoint is written, then bring
     it back with the same command (as a cluster's scheduler would)."""
     port = free_port()
     logs = [out.with_name(out.name + f"-node{i}.log") for i in range(2)]
-    first = Node(prepared, out, port, steps, logs[0])
+    first = Node(prepared, out, port, steps, logs[0], extra)
     wait_listening(port, first)  # the first node hosts the rendezvous store: the one killed below must not
-    second = Node(prepared, out, port, steps, logs[1])
+    second = Node(prepared, out, port, steps, logs[1], extra)
     try:
         if kill_after is not None:
             deadline = time.monotonic() + 300
@@ -108,7 +110,7 @@ def two_nodes(prepared: dict[str, Path], out: Path, steps: int, kill_after: str 
                 time.sleep(0.02)
             second.kill()
             assert first.process.poll() is None, "the run ended before the node was killed; make it longer"
-            second = Node(prepared, out, port, steps, logs[1])
+            second = Node(prepared, out, port, steps, logs[1], extra)
         assert first.wait() == 0, logs[0].read_text()[-3000:]
         assert second.wait() == 0, logs[1].read_text()[-3000:]
     finally:
@@ -140,6 +142,11 @@ def test_two_nodes_match_one_process_and_survive_a_lost_node(prepared: dict[str,
     whole, resumed = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("nodes", "lost"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # FSDP2 across the two nodes: the same losses as the one process
+    two_nodes(prepared, tmp_path / "fsdp", steps, extra=("--fsdp",))
+    sharded = [json.loads(x) for x in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(single, sharded, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-5), a["step"]
 
 
 def test_two_processes_match_one_process_with_double_batch(prepared: dict[str, Path], tmp_path: Path) -> None:
