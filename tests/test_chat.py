@@ -51,6 +51,15 @@ class Terminal:
         assert text in self.seen[after:], self.seen[-2000:]
         return self.seen
 
+    def wait_for_readline(self, timeout: float = 60) -> None:
+        """Until readline has the terminal (it turns canonical mode off while it reads a line): keys sent
+        before that are the terminal's own to echo, and a Ctrl-C would not reach readline's loop."""
+        deadline = time.monotonic() + timeout
+        while termios.tcgetattr(self.fd)[3] & termios.ICANON:
+            assert time.monotonic() < deadline, f"readline never took the terminal:\n{self.seen[-2000:]}"
+            time.sleep(0.02)
+        time.sleep(0.1)  # from its raw mode to its read loop
+
     def type(self, keys: str | bytes) -> int:
         """Send keys; returns where the output stood before them."""
         mark = len(self.seen)
@@ -115,13 +124,11 @@ def test_ctrl_c_stops_the_reply_not_the_chat_and_readline_recalls_lines() -> Non
     mark = chat.type("/reset\n")
     after = chat.read_until("(the conversation was reset: 2 messages forgotten)", after=mark).rindex("forgotten")
     chat.read_until(PROMPT, after=after)
-    # keys sent before readline has the terminal are echoed by the terminal itself: wait for the prompt (above)
-    # and give readline a moment to enter its loop (CPython's readline notices a signal only there as well)
-    time.sleep(0.5)
+    chat.wait_for_readline()
     mark = chat.type(b"\x1b[A\n")  # the up arrow recalls /reset (readline's history), Enter sends it again
     after = chat.read_until("(the conversation was reset: 0 messages forgotten)", after=mark).rindex("forgotten")
     chat.read_until(PROMPT, after=after)
-    time.sleep(0.5)
+    chat.wait_for_readline()
     mark = chat.type(b"\x03")  # Ctrl-C at the prompt: a fresh line and a new prompt, not the end
     chat.read_until(PROMPT, after=mark)
     chat.type("/exit\n")
