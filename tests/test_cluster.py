@@ -188,6 +188,27 @@ def test_health_metrics_and_the_key_through_the_entry(cluster: Cluster) -> None:
     assert missing.status_code == 404  # the replica's own errors come through unchanged
 
 
+def test_a_client_that_leaves_frees_its_row_on_the_replica(cluster: Cluster) -> None:
+    body = {"prompt": "第三章 ", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster.base}/v1/completions", json=body, timeout=60,
+                      headers={**AUTH, "x-session-id": "leaver"}) as r:
+        home = r.headers["x-kataru-replica"]
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 10:
+                break  # the client closes the connection mid-answer: through Ray's proxy, the entry, the replica
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        row = next(r for r in cluster.replicas() if r["replica"] == home)
+        if row["running"] == 0:
+            break
+        time.sleep(0.5)
+    assert row["running"] == 0
+    time.sleep(1.5)
+    values = sample_values(httpx.get(f"{cluster.base}/metrics", headers=AUTH, timeout=10).text)
+    finished = values.get(f'kataru:request_success_total{{finished_reason="cancelled",replica="{home}"}}', 0)
+    assert finished >= 1
+
+
 def test_a_killed_replica_fails_only_its_own_requests(cluster: Cluster) -> None:
     LONG = 800  # tokens: long enough to be killed mid-answer
     rows = cluster.replicas()
