@@ -168,6 +168,8 @@ def test_a_conversation_stays_on_its_replica_and_reuses_its_prefix(cluster: Clus
     after = {r["replica"]: r["prefix_cache_hits"] for r in cluster.replicas()}
     assert after[home] - before[home] >= 2 * 64  # turns 2 and 3 found turn 1's prompt chunks
     assert all(after[k] == before[k] for k in after if k != home)
+    row = next(r for r in cluster.replicas() if r["replica"] == home)
+    assert row["prefix_cache_hit_rate"] == pytest.approx(row["prefix_cache_hits"] / row["prefix_cache_queries"])
     # OpenAI's `user` field is a session too
     users = {u: {completion(cluster.base, "こんにちは", user=u).headers["x-kataru-replica"] for _ in range(3)}
              for u in ("alice", "bob", "carol", "dave")}

@@ -266,12 +266,14 @@ class Entry:
         rows = []
         for replica, report in sorted(live.items()):
             values = sample_values(report["metrics"])
+            queries = values.get("kataru:prefix_cache_queries_total", 0.0)
+            hits = values.get("kataru:prefix_cache_hits_total", 0.0)
             rows.append({"replica": replica, "pid": report["pid"], "node": report["node"],
                          "running": values.get("kataru:num_requests_running", 0.0),
                          "waiting": values.get("kataru:num_requests_waiting", 0.0),
                          "requests": sum(v for k, v in values.items() if k.startswith("kataru:request_success_total")),
-                         "prefix_cache_queries": values.get("kataru:prefix_cache_queries_total", 0.0),
-                         "prefix_cache_hits": values.get("kataru:prefix_cache_hits_total", 0.0)})
+                         "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+                         "prefix_cache_hit_rate": hits / queries if queries else 0.0})
         return JSONResponse({"replicas": rows})
 
     async def merged_metrics(self) -> Response:
