@@ -26,7 +26,7 @@ from kataru.serve.loadgen import free_port
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'kataru[cluster]'")
 
-from kataru.serve.cluster import application, merge_metrics, sample_values, session_key
+from kataru.serve.cluster import application, merge_metrics, replica_failed, sample_values, session_key
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -301,3 +301,12 @@ def test_the_application_asks_ray_for_what_the_flags_say(tmp_path: Path) -> None
     assert load_options["threads"] == 3 and settings["api_keys"] == []  # the entry checks the key
     fixed = application(tmp_path, replicas=3, load_options={}, settings={"served_model_name": "m"})
     assert fixed._bound_deployment.init_args[0]._bound_deployment.num_replicas == 3
+
+
+def test_a_dead_replica_is_a_502_to_retry_and_a_failing_one_a_500() -> None:
+    import ray
+
+    died = replica_failed(ray.exceptions.ActorDiedError())
+    assert died.status == 502 and died.body()["error"]["code"] == "replica_failed"
+    failed = replica_failed(ValueError("bad"))
+    assert failed.status == 500 and "ValueError: bad" in failed.body()["error"]["message"]

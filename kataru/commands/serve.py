@@ -105,9 +105,10 @@ def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> Non
     try:
         import ray
         from ray import serve
-    except ImportError:
-        raise KataruError("--replicas needs Ray Serve: pip install 'kataru[cluster]'") from None
-    from kataru.serve.cluster import APP, application
+
+        from kataru.serve.cluster import APP, application
+    except ImportError as err:
+        raise KataruError(f"--replicas needs Ray Serve 2.60 or later ({err}): pip install 'kataru[cluster]'") from None
 
     replicas = args.replicas or args.min_replicas or 1
     if replicas < 1 or (args.min_replicas or 1) < 1 or (args.max_replicas or replicas) < (args.min_replicas or 1):

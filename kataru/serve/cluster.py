@@ -161,8 +161,11 @@ class Replica:
 
 # --- the entry (its helpers first: serve.ingress captures the module's names as the class is made) ---
 def replica_failed(err: BaseException) -> APIError:
-    return APIError(502, f"the replica serving this request stopped ({type(err).__name__}); the deployment "
-                         "replaces it: retry the request", type="server_error", code="replica_failed")
+    """A replica that died (Ray replaces it): 502, worth a retry. Anything else: the replica's own 500."""
+    if isinstance(err, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return APIError(502, f"the replica serving this request stopped ({type(err).__name__}); the deployment "
+                             "replaces it: retry the request", type="server_error", code="replica_failed")
+    return APIError(500, f"the replica failed: {type(err).__name__}: {err}", type="server_error")
 
 
 def session_key(header: str | None, body: bytes) -> str | None:
@@ -304,7 +307,8 @@ class Entry:
             raise
         except Exception as err:
             stream.cancel()
-            return JSONResponse(replica_failed(err).body(), status_code=502)
+            failure = replica_failed(err)
+            return JSONResponse(failure.body(), status_code=failure.status)
         replica = dict(start["headers"]).get("x-kataru-replica", "")
         sse = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in start["headers"])
 
