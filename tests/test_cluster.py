@@ -310,3 +310,13 @@ def test_a_dead_replica_is_a_502_to_retry_and_a_failing_one_a_500() -> None:
     assert died.status == 502 and died.body()["error"]["code"] == "replica_failed"
     failed = replica_failed(ValueError("bad"))
     assert failed.status == 500 and "ValueError: bad" in failed.body()["error"]["message"]
+
+
+@pytest.mark.parametrize("flags", [["--replicas", "0"], ["--min-replicas", "3", "--max-replicas", "2"],
+                                   ["--min-replicas", "0"]])
+def test_impossible_replica_counts_are_one_line_errors(flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    from kataru.cli import main
+
+    assert main(["serve", *flags]) == 2
+    assert capsys.readouterr().err.strip() == ("kataru: error: --replicas and --min-replicas must be at least 1, "
+                                               "and --max-replicas at least --min-replicas")

@@ -36,13 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", help="write prompts into the access log")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     scale = p.add_argument_group("replicas on Ray Serve (pip install 'kataru[cluster]')")
-    scale.add_argument("--replicas", type=int, help="serve N replicas, each with its own engine and model copy, "
-                                                    "behind one HTTP entry")
-    scale.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    scale.add_argument("--min-replicas", type=int, help="autoscale: replicas at least (on queue depth)")
-    scale.add_argument("--max-replicas", type=int, help="autoscale: replicas at most")
-    scale.add_argument("--target-ongoing", type=int, help="autoscale: requests per replica to aim for (default: "
-                                                          "--max-num-seqs)")
+    scale.add_argument("--replicas", type=int, metavar="N", help="serve N replicas, each with its own engine and "
+                                                                 "model copy, behind one HTTP entry")
+    scale.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster; none: start a local one")
+    scale.add_argument("--min-replicas", type=int, metavar="N", help="autoscale: replicas at least (on queue depth)")
+    scale.add_argument("--max-replicas", type=int, metavar="N", help="autoscale: replicas at most")
+    scale.add_argument("--target-ongoing", type=int, metavar="N", help="autoscale: requests per replica to aim for; "
+                                                                       "none: --max-num-seqs")
     scale.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (its torch "
                                                                       "threads)")
     scale.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
                         metrics_public=args.metrics_public)
 
-    if args.replicas or args.min_replicas or args.max_replicas:
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
         serve_replicas(args, folder, settings)
         return
 
@@ -102,6 +102,11 @@ def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> Non
 
     from kataru.errors import KataruError
 
+    replicas = args.replicas if args.replicas is not None else args.min_replicas or 1
+    low = args.min_replicas if args.min_replicas is not None else 1
+    if replicas < 1 or low < 1 or (args.max_replicas if args.max_replicas is not None else replicas) < low:
+        raise KataruError("--replicas and --min-replicas must be at least 1, and --max-replicas at least "
+                          "--min-replicas")
     try:
         import ray
         from ray import serve
@@ -110,10 +115,6 @@ def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> Non
     except ImportError as err:
         raise KataruError(f"--replicas needs Ray Serve 2.60 or later ({err}): pip install 'kataru[cluster]'") from None
 
-    replicas = args.replicas or args.min_replicas or 1
-    if replicas < 1 or (args.min_replicas or 1) < 1 or (args.max_replicas or replicas) < (args.min_replicas or 1):
-        raise KataruError("--replicas and --min-replicas must be at least 1, and --max-replicas at least "
-                          "--min-replicas")
     load_options = {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
                     "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
                     "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant}
