@@ -45,6 +45,11 @@ def run(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401 - input() gets line editing and history
+        import signal
+
+        # Ctrl-C at the prompt is a KeyboardInterrupt even when kataru was started with SIGINT ignored (a
+        # background job of a non-interactive shell, nohup wrappers): Python leaves an inherited SIG_IGN alone.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     llm = common.load(args)
     sampling = common.sampling(args)
