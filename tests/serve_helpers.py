@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,11 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
 
 
+def check_running(process: subprocess.Popen | None) -> None:
+    """Fail at once, with what the process wrote, when the process waited for has exited."""
+    if process is not None and process.poll() is not None:
+        said = process.stderr.read()[-2000:] if process.stderr else "(its output went to a log)"
+        raise AssertionError(f"{' '.join(map(str, process.args[:4]))} ... exited with {process.returncode}: {said}")
+
+
 def wait_healthy(base: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"kataru serve exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+        check_running(process)
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return
@@ -33,6 +40,19 @@ def wait_healthy(base: str, timeout: float = 120, process: subprocess.Popen | No
             pass
         time.sleep(0.2)
     raise AssertionError(f"{base} never became healthy")
+
+
+def wait_listening(port: int, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_running(process)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listened on 127.0.0.1:{port}")
 
 
 class Process:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_helpers import KEY, Process
+from serve_helpers import KEY, Process, wait_listening
 
 from kataru.serve.loadgen import free_port
 
@@ -60,7 +59,7 @@ class Cluster:
                                       "--port", str(ray_port), "--num-cpus", "4", "--include-dashboard", "false",
                                       "--temp-dir", self.temp, "--disable-usage-stats"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        wait_port(ray_port, self.head)
+        wait_listening(ray_port, self.head, timeout=60)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.serve = subprocess.Popen([sys.executable, "-m", "kataru", "serve", "--replicas", "2", "--ray-address",
@@ -105,19 +104,6 @@ class Cluster:
         except subprocess.TimeoutExpired:
             self.head.kill()
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"ray start exited with {process.returncode}: {process.stderr.read()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"Ray's head never listened on port {port}")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from serve_helpers import KEY, Process
+from serve_helpers import KEY, Process, wait_healthy
 
 from kataru.cli import build_parser
 from kataru.serve.loadgen import free_port
@@ -75,15 +75,7 @@ class Nginx:
         self.process = subprocess.Popen([shutil.which("nginx") or "nginx", "-p", str(folder), "-e", "stderr",
                                          "-c", str(folder / "nginx.conf")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read()
-            try:
-                httpx.get(f"{self.base}/health", timeout=2)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("nginx never answered")
+        wait_healthy(self.base, timeout=30, process=self.process)  # the backends are healthy already
 
     def stop(self) -> None:
         self.process.terminate()

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serve_helpers import wait_listening
 from train_fixtures import TINY_ARGS
 
 from kataru.serve.loadgen import free_port
@@ -65,18 +65,6 @@ class Node:
         self.process.wait(30)
 
 
-def wait_listening(port: int, node: Node, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert node.process.poll() is None, "the first node exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listened on {port}")
-
-
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -100,7 +88,7 @@ def two_nodes(prepared: dict[str, Path], out: Path, steps: int, kill_after: str 
     port = free_port()
     logs = [out.with_name(out.name + f"-node{i}.log") for i in range(2)]
     first = Node(prepared, out, port, steps, logs[0], extra)
-    wait_listening(port, first)  # the first node hosts the rendezvous store: the one killed below must not
+    wait_listening(port, first.process)  # the first node hosts the rendezvous store: the one killed below must not
     second = Node(prepared, out, port, steps, logs[1], extra)
     try:
         if kill_after is not None:

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,11 +228,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         settings = self.settings
         try:
-            if settings.api_keys and path not in PUBLIC and not (path == "/metrics" and settings.metrics_public):
-                authorize(headers.get("authorization"), settings.api_keys)
-            size = headers.get("content-length", "")
-            if size.isdigit() and int(size) > settings.max_body_bytes:
-                raise too_large(int(size), settings.max_body_bytes)
+            admit(path, headers, settings.api_keys, settings.max_body_bytes, settings.metrics_public)
         except APIError as err:
             await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
             status[0] = err.status
@@ -256,6 +252,17 @@ class Guard:
         if not path.startswith("/v1/") or status[0] != 200:
             log.info("%s %s %s %d %.3fs", headers.get("x-request-id", "-"), scope["method"], path, status[0],
                      time.monotonic() - started)
+
+
+def admit(path: str, headers: Mapping[str, str], api_keys: list[str], max_body_bytes: int,
+          metrics_public: bool) -> None:
+    """What is checked before a request is read: the API key (on every route but the public ones) and the
+    body size its headers declare. `headers` with lower-case names."""
+    if api_keys and path not in PUBLIC and not (path == "/metrics" and metrics_public):
+        authorize(headers.get("authorization"), api_keys)
+    size = headers.get("content-length", "")
+    if size.isdigit() and int(size) > max_body_bytes:
+        raise too_large(int(size), max_body_bytes)
 
 
 def too_large(size: int, limit: int) -> APIError:

@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
+from kataru.serve.app import Settings, admit, create_app, too_large
 from kataru.serve.protocol import APIError
 
 log = logging.getLogger("kataru.serve")
@@ -81,7 +82,6 @@ class Replica:
         import torch
 
         from kataru.llm import load
-        from kataru.serve.app import Settings, create_app
 
         threads = int(load_options.pop("threads", 0) or 0)
         if threads:
@@ -233,15 +233,8 @@ class Entry:
         self.board = Board.options(name=board_name(app), namespace=NAMESPACE, get_if_exists=True).remote()
 
     def guard(self, request: Request) -> None:
-        from kataru.serve.app import authorize, too_large
-
-        path = request.url.path
-        public = path in ("/health", "/", "/page/markdown-it.min.js") or (path == "/metrics" and self.metrics_public)
-        if self.api_keys and not public:
-            authorize(request.headers.get("authorization"), self.api_keys)
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > self.max_body_bytes:
-            raise too_large(int(size), self.max_body_bytes)
+        """The checks a single server's Guard makes before reading a request, with the same rules."""
+        admit(request.url.path, request.headers, self.api_keys, self.max_body_bytes, self.metrics_public)
 
     @entry_app.get("/health")
     async def health(self) -> JSONResponse:
@@ -290,8 +283,6 @@ class Entry:
             self.guard(request)
             body = await request.body()
             if len(body) > self.max_body_bytes:
-                from kataru.serve.app import too_large
-
                 raise too_large(len(body), self.max_body_bytes)
         except APIError as err:
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
