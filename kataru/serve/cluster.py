@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -46,7 +47,13 @@ class SessionRouter(ConsistentHashRouter):
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
         if pending_request is not None and not pending_request.metadata.session_id:
-            return [candidate_replicas] if candidate_replicas else []
+            # One replica per rank, shortest known queue first (unknown counts as empty, ties at random): Ray
+            # given them all at once takes any replica with a cached queue length before probing the others,
+            # so a burst could all go to the one replica it had heard of.
+            def queue(replica: Any) -> tuple[int, float]:
+                return self._replica_queue_len_cache.get(replica.replica_id) or 0, random.random()
+
+            return [[replica] for replica in sorted(candidate_replicas, key=queue)]
         return await super().choose_replicas(candidate_replicas, pending_request)
 
 
