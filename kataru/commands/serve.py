@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> None:
         return
 
     def load_model():  # type: ignore[no-untyped-def]
-        return load(folder, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
-                    max_batch=args.max_num_seqs, max_cache_tokens=args.kv_budget,
-                    idle_cache_tokens=args.kv_budget or 1 << 40, progress=False, batch_invariant=args.batch_invariant)
+        return load(folder, progress=False, **load_options(args))
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -92,6 +90,13 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     serve_log.info("kataru serve: stopped")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`kataru.load`'s arguments from the flags: one engine's, whether one process or each replica loads it."""
+    return {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
+            "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
+            "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant}
 
 
 def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> None:
@@ -115,9 +120,6 @@ def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> Non
     except ImportError as err:
         raise KataruError(f"--replicas needs Ray Serve 2.60 or later ({err}): pip install 'kataru[cluster]'") from None
 
-    load_options = {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
-                    "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
-                    "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant}
     started_here = args.ray_address is None
     # A local cluster: Ray's own processes listen on loopback too when the server does.
     local = {"num_cpus": max(os.cpu_count() or 1, int(replicas * args.replica_cpus) + 1),
@@ -132,7 +134,7 @@ def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> Non
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(folder.resolve(), replicas=replicas, min_replicas=args.min_replicas,
                       max_replicas=args.max_replicas, target_ongoing=args.target_ongoing,
-                      replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, load_options=load_options,
+                      replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, load_options=load_options(args),
                       settings=dataclasses.asdict(settings), grace=args.grace)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
