@@ -321,16 +321,17 @@ def format_plan(report: dict[str, Any]) -> str:
     cpu = report["cpu"]
     lines = [f"{cpu['model']}, {cpu['cores']} cores, {cpu['threads']} threads, torch {report['torch']} "
              f"({cpu['torch_capability']}; {' '.join(cpu['features']) or 'no SIMD features found'})",
+             f"kataru's kernel builds here: {', '.join(cpu['kernel_builds']) or 'none'}; "
              f"KATARU_DISPATCH={report['dispatch']}; plans cached in {report['plan_file']}", ""]
     if not report["plan"]:
         lines.append("no plan: float32 weights, or KATARU_DISPATCH is kernels or torch (the fixed rules)")
         return "\n".join(lines)
-    header = f"{'kind':<16}{'shape':<15}{'rows':>5}  {'candidates, ms per call':<66}{'runs':<10}{'invariant':<10}"
+    header = f"{'kind':<16}{'shape':<15}{'rows':>5}  {'candidates, ms per call':<66}{'runs':<15}{'invariant':<15}"
     lines += [header, "-" * len(header)]
     for row in report["plan"]:
         times = "  ".join(f"{path} {ms:.3f}" for path, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]))
-        lines.append(f"{row['kind']:<16}{row['shape']:<15}{row['rows']:>5}  {times:<66}{row['runs'] or '-':<10}"
-                     f"{row['batch_invariant'] or '-':<10}")
+        lines.append(f"{row['kind']:<16}{row['shape']:<15}{row['rows']:>5}  {times:<66}{row['runs'] or '-':<15}"
+                     f"{row['batch_invariant'] or '-':<15}")
     return "\n".join(lines)
 
 

@@ -13,8 +13,9 @@ get plans too (kataru's kernels or torch's ops, timed on one block of the model:
 prompts) and `torch` (torch's own paths everywhere).
 
 Batch invariance: a request decodes to the same bits alone or batched when one path that gives each row the
-same bits at every row count serves every decode batch: kataru's kernels are made so; torch's paths promise
-nothing of the kind. A plan keeps the kernels for every decode bucket when that costs at most
+same bits at every row count serves every decode batch: kataru's kernels are made so (each build: "kernel",
+AVX2, and "kernel-avx512"; for int8 and int4 weights the two builds even give the same bits); torch's paths
+promise nothing of the kind. A plan keeps one kernel build for every decode bucket when that costs at most
 `INVARIANCE_COST` in each; `batch_invariant(True)` (`Engine(batch_invariant=True)`, `--batch-invariant`)
 keeps them whatever it costs (without the kernels: one torch path for all decode row counts, the best one can
 do). Prompts are unaffected: a prompt's chunks do not depend on its neighbours.
@@ -47,10 +48,10 @@ BUCKETS = ("1", "2-8", "9-64", "prompt")
 DECODE = BUCKETS[:3]
 ROWS = {"1": 1, "2-8": 8, "9-64": 32, "prompt": 128}  # the rows each bucket is timed with (prompt: a chunk)
 MODES = ("cached", "measure", "kernels", "torch")
-INVARIANT = "kernel"  # kataru's kernels give a row the same bits in any batch; torch's paths promise nothing
+INVARIANT = frozenset(kernels.PATHS)  # each kernel build gives a row the same bits in any batch; torch's nothing
 INVARIANCE_COST = 0.10  # one decode path for every bucket when it is at most this much slower in each
 TOLERANCE = 0.02  # relative error (Frobenius) against float64 that a path may have; the kernels' bounds are tighter
-VERSION = 1
+VERSION = 2  # 2: the AVX-512 kernel build is a candidate
 HEAD_ROWS = 32000  # wider layers are vocabulary heads: timed only when the model has nothing else of the kind
 
 
@@ -82,11 +83,12 @@ class Plan:
         if not self.uniform:
             self.uniform = dict(self.mixed)
             common = set.intersection(*(set(self.ms.get(b, {})) for b in DECODE))
-            if INVARIANT in common:  # the one path made to give every row the same bits in any batch
-                self.uniform.update(dict.fromkeys(DECODE, INVARIANT))
-            elif common:  # else the least summed slowdown (torch promises no invariance across row counts)
+            # the kernel build made to give every row the same bits in any batch, else any path (torch promises
+            # no invariance across row counts); of those, the least summed slowdown
+            candidates = (common & INVARIANT) or common
+            if candidates:
                 best = {b: min(self.ms[b].values()) for b in DECODE}
-                one = min(sorted(common), key=lambda p: sum(self.ms[b][p] / best[b] for b in DECODE))
+                one = min(sorted(candidates), key=lambda p: sum(self.ms[b][p] / best[b] for b in DECODE))
                 self.uniform.update(dict.fromkeys(DECODE, one))
 
     @property
@@ -192,14 +194,12 @@ def plan_key(layer: Planned) -> str:
 # --- measuring ---------------------------------------------------------------------------------------------
 def cpu() -> dict[str, Any]:
     """What kataru knows of this CPU: its name, cores, torch's SIMD level and the instruction sets that matter."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = platform.processor() or platform.machine(), kernels.cpu_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 name = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
                 break
     except OSError:
         pass
@@ -207,13 +207,16 @@ def cpu() -> dict[str, Any]:
               "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve", "sve2")
     return {"model": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "features": [f for f in wanted if f in flags], "kernels": kernels.available("linear")}
+            "features": [f for f in wanted if f in flags], "kernels": kernels.available("linear"),
+            "kernel_builds": kernels.isas()}
 
 
 def plan_file() -> Path:
     c = cpu()
     slug = "".join(ch if ch.isalnum() else "-" for ch in c["model"]).strip("-").lower()[:60] or "cpu"
-    return kernels.cache_dir().parent / "plans" / f"{slug}-{c['cores']}c-{c['threads']}t-torch{torch.__version__}.json"
+    builds = "+".join(c["kernel_builds"]) or "no-kernels"
+    return (kernels.cache_dir().parent / "plans" /
+            f"{slug}-{c['cores']}c-{c['threads']}t-{builds}-torch{torch.__version__}.json")
 
 
 def read_plans(path: Path) -> dict[str, Plan]:

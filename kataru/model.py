@@ -37,17 +37,18 @@ ACTIVATIONS = {
 class Linear(nn.Linear):
     """nn.Linear with three CPU paths for bf16 and fp16 weights, chosen per call by `kataru.dispatch`:
 
-    - "kernel": `kataru.kernels` streams the 16-bit weights once for all rows of a decode batch, where
-      torch's time grows with every row on AVX2 without native bf16;
+    - "kernel" (and "kernel-avx512", its AVX-512 build): `kataru.kernels` streams the 16-bit weights once for
+      all rows of a decode batch, where torch's time grows with every row on AVX2 without native bf16;
     - "upcast": the float32 GEMM on the weight converted a tile at a time (`upcast_matmul`): on AVX2, prompts
       go 6x faster than torch's bf16 GEMM (a 512-token prefill of the llm-jp-3.1-1.8b shape measured 7 tok/s);
     - "torch": torch's own 16-bit matmul, which oneDNN runs on AMX or AVX512-BF16 where the CPU has them.
 
-    The fixed rule (no plan, `KATARU_DISPATCH=kernels`): the kernel below `upcast_rows` rows, then upcast.
+    The fixed rule (no plan, `KATARU_DISPATCH=kernels`): the kernel (AVX-512 where it runs) below `upcast_rows`
+    rows, then upcast.
     """
 
     upcast_rows = 32
-    paths = ("kernel", "upcast", "torch")
+    paths = (*kernels.PATHS, "upcast", "torch")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype in kernels.HALF and self.weight.dtype == x.dtype:
@@ -63,11 +64,11 @@ class Linear(nn.Linear):
         return self.out_features, self.in_features
 
     def can_run(self, path: str, x: Tensor) -> bool:
-        return path != "kernel" or kernels.usable(x, self.weight)
+        return path not in kernels.PATHS or kernels.usable(x, self.weight, isa=kernels.PATHS[path])
 
     def run(self, path: str, x: Tensor) -> Tensor:
-        if path == "kernel":
-            return kernels.linear_half(x, self.weight, self.bias)
+        if path in kernels.PATHS:
+            return kernels.linear_half(x, self.weight, self.bias, kernels.PATHS[path])
         if path == "upcast":
             return upcast_matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -75,7 +76,7 @@ class Linear(nn.Linear):
     def default_path(self, x: Tensor, rows: int) -> str:
         if rows >= self.upcast_rows:
             return "upcast"
-        return "kernel" if kernels.usable(x, self.weight) else "torch"
+        return kernels.best_path(x, self.weight) or "torch"
 
     def torch_path(self, x: Tensor, rows: int) -> str:
         return "torch"

@@ -39,7 +39,7 @@ class QuantizedLinear(nn.Module):
 
     in_features: int
     out_features: int
-    paths = ("kernel", "torch", "dequant", "dequant16")
+    paths = (*kernels.PATHS, "torch", "dequant", "dequant16")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
@@ -104,15 +104,15 @@ class Int8Linear(QuantizedLinear):
         return "int8-" + SHORT[self.scales.dtype]
 
     def can_run(self, path: str, x: Tensor) -> bool:
-        if path == "kernel":
-            return kernels.usable(x, self.weight)
+        if path in kernels.PATHS:
+            return kernels.usable(x, self.weight, isa=kernels.PATHS[path])
         if path == "torch":  # torch 2.13's int8 kernel crashes on several rows of a width not a multiple of 8
             return not x.requires_grad and x.shape[-1] % 8 == 0
         return path == "dequant" or x.dtype in kernels.HALF
 
     def run(self, path: str, x: Tensor) -> Tensor:
-        if path == "kernel":
-            return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, tiled=self.tiled)
+        if path in kernels.PATHS:
+            return kernels.linear_int8(x, self.weight, self._scales32(), self.bias, self.tiled, kernels.PATHS[path])
         if path in ("dequant", "dequant16"):  # the weight in float32 (or x's 16-bit type), then one GEMM
             dtype = torch.float32 if path == "dequant" else x.dtype
             weight = (self.plain_weight().float() * self.scales.float().unsqueeze(1)).to(dtype)
@@ -128,8 +128,9 @@ class Int8Linear(QuantizedLinear):
 
     def default_path(self, x: Tensor, rows: int) -> str:
         """The fixed rule: the kernel for decode rows (and prompts in the tiled layout), else float32."""
-        if (rows < Linear.upcast_rows or self.tiled) and kernels.usable(x, self.weight):
-            return "kernel"
+        kernel = kernels.best_path(x, self.weight)
+        if (rows < Linear.upcast_rows or self.tiled) and kernel:
+            return kernel
         if rows >= Linear.upcast_rows or not self.can_run("torch", x):
             return "dequant"
         return "torch"
@@ -214,15 +215,16 @@ class Int4Linear(QuantizedLinear):
         return "int4-" + SHORT[self.scales_and_zeros.dtype]
 
     def can_run(self, path: str, x: Tensor) -> bool:
-        if path == "kernel":
-            return kernels.usable(x, self.qweight)
+        if path in kernels.PATHS:
+            return kernels.usable(x, self.qweight, isa=kernels.PATHS[path])
         if path == "torch":
             return not x.requires_grad
         return path == "dequant" or x.dtype in kernels.HALF
 
     def run(self, path: str, x: Tensor) -> Tensor:
-        if path == "kernel":
-            return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias)
+        if path in kernels.PATHS:
+            return kernels.linear_int4(x, self.qweight, self._scale_min(), self.group_size, self.bias,
+                                       kernels.PATHS[path])
         if path in ("dequant", "dequant16"):  # the weight in float32 (or x's 16-bit type), then one GEMM
             dtype = torch.float32 if path == "dequant" else x.dtype
             bias = None if self.bias is None else self.bias.to(dtype)
@@ -240,9 +242,8 @@ class Int4Linear(QuantizedLinear):
 
     def default_path(self, x: Tensor, rows: int) -> str:
         """The fixed rule: the kernel wherever it runs, else float32 for prompts and torch's for decode."""
-        if kernels.usable(x, self.qweight):
-            return "kernel"
-        return "dequant" if rows >= Linear.upcast_rows or x.requires_grad else "torch"
+        slow = "dequant" if rows >= Linear.upcast_rows or x.requires_grad else "torch"
+        return kernels.best_path(x, self.qweight) or slow
 
     def reference_weight(self) -> Tensor:
         return self.dequantize()

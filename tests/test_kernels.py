@@ -268,7 +268,7 @@ def test_prefill_converts_weight_tiles_into_a_buffer_kept_per_thread_and_never_u
 
 
 def test_without_a_compiler_torch_matmul_takes_over(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(kernels, "_state", {"off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
+    monkeypatch.setattr(kernels, "_state", {"lib": {}, "off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
     monkeypatch.setenv("KATARU_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert kernels.library() is None
@@ -280,7 +280,7 @@ def test_without_a_compiler_torch_matmul_takes_over(monkeypatch: pytest.MonkeyPa
 
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_state", {"off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
+    monkeypatch.setattr(kernels, "_state", {"lib": {}, "off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
     monkeypatch.setenv("KATARU_KERNELS", "0")
     assert not kernels.supported() and kernels.library() is None
 

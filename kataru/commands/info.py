@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> None:
             value = f"{value:,}"
         elif key == "cpu":
             value = (f"{value['model']}, {value['cores']} cores, {value['threads']} threads, torch "
-                     f"{value['torch_capability']}, {' '.join(value['features']) or 'no SIMD features found'}")
+                     f"{value['torch_capability']}, {' '.join(value['features']) or 'no SIMD features found'}; "
+                     f"kernel builds: {', '.join(value['kernel_builds']) or 'none'}")
         elif key == "dispatch":
             runs = "; ".join(f"{r['kind']} rows {r['bucket']}: {r['runs']}" for r in value["plan"])
             value = f"{value['mode']}: {runs or 'the fixed rule'}"

@@ -9,12 +9,18 @@ with integer dot products, as llama.cpp does. It is built once per source versio
 (`$KATARU_CACHE`, default `~/.cache/kataru`) and loaded with ctypes; with no compiler, no AVX2, or
 `KATARU_KERNELS=0`, kataru uses torch's kernels, which give the same results up to rounding. Each kernel is
 also a torch operator (`torch.ops.kataru.*`) that a torch.compile'd decode step calls from its graph.
+
+Where the CPU has AVX-512 (F, BW, VL, DQ, as cpuid reports and the OS enables), the matmuls are built a second
+time with it (and with VNNI's vpdpbusd where the CPU has that too): the "kernel-avx512" path beside the AVX2
+"kernel" one, which `kataru.dispatch` times against each other and torch's paths. A compiler that cannot build
+the AVX-512 variant, or `KATARU_KERNEL_ISA=avx2`, leaves the AVX2 build: never an error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -34,11 +40,15 @@ HEADER = Path(__file__).with_name("simd.h")  # included by every source
 # FMA only where written; F16C (fp16 weights) comes with every AVX2 CPU
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 
+AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+ISAS = ("avx2", "avx512")  # the builds: every kernel with AVX2; the matmuls again with AVX-512
+PATHS = {"kernel": "avx2", "kernel-avx512": "avx512"}  # the layers' kernel paths (`kataru.dispatch`) and their build
+
 ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights
 KINDS = ("linear", "attention", "norm")
-# "lib": the loaded library (None once tried and failed); "off": per kind, how many `disabled` blocks are open;
-# "stub": how many `stubbed` blocks are open
-_state: dict[str, Any] = {"off": dict.fromkeys(KINDS, 0), "stub": 0}
+# "lib": the loaded library per build (None once tried and failed); "off": per kind, how many `disabled` blocks
+# are open; "stub": how many `stubbed` blocks are open
+_state: dict[str, Any] = {"lib": {}, "off": dict.fromkeys(KINDS, 0), "stub": 0}
 
 
 def cache_dir() -> Path:
@@ -46,18 +56,43 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def supported() -> bool:
-    """x86-64 with AVX2 (torch's own dispatch says so) and not switched off."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (those the OS has enabled); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported(isa: str = "avx2") -> bool:
+    """x86-64 with AVX2 (torch's own dispatch says so) and not switched off; for "avx512" also AVX-512 F, BW,
+    VL and DQ (torch's AVX512 level, which checks that the OS saves the registers) and no KATARU_KERNEL_ISA=avx2."""
     if os.environ.get("KATARU_KERNELS", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if isa == "avx2":
+        return capability in ("AVX2", "AVX512")
+    return (isa == "avx512" and capability == "AVX512" and os.environ.get("KATARU_KERNEL_ISA", "") != "avx2"
+            and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
 
 
-def build(sources: tuple[Path, ...] = SOURCES) -> Path:
+def isa_flags(isa: str) -> tuple[str, ...]:
+    """The compiler flags of a build: AVX2's, and for "avx512" AVX-512's plus VNNI where the CPU has it."""
+    if isa == "avx2":
+        return FLAGS
+    return (*FLAGS, *AVX512, *(("-mavx512vnni",) if "avx512_vnni" in cpu_flags() else ()))
+
+
+def build(sources: tuple[Path, ...] = SOURCES, flags: tuple[str, ...] = FLAGS) -> Path:
     """The shared library for `sources`, compiled once into the cache (atomically: a temp file, then rename)."""
     compiler = os.environ.get("CC") or "cc"
     text = b"".join(source.read_bytes() for source in (*sources, HEADER))
-    digest = hashlib.sha256(text + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kataru-{digest}.so"
     if target.exists():
         return target
@@ -67,7 +102,7 @@ def build(sources: tuple[Path, ...] = SOURCES) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
+        run = subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {run.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
@@ -77,15 +112,16 @@ def build(sources: tuple[Path, ...] = SOURCES) -> Path:
     return target
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run here (decided once per process)."""
+def library(isa: str = "avx2") -> ctypes.CDLL | None:
+    """The compiled kernels of a build ("avx2" or "avx512"), or None where they cannot run here (decided once
+    per process)."""
     if all(_state["off"].values()):
         return None
-    if "lib" not in _state:
+    if isa not in _state["lib"]:
         lib = None
-        if supported():
+        if supported(isa):
             try:
-                lib = ctypes.CDLL(str(build()))
+                lib = ctypes.CDLL(str(build(flags=isa_flags(isa))))
                 pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 flag = ctypes.c_int
                 lib.kataru_linear_bf16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
@@ -104,29 +140,41 @@ def library() -> ctypes.CDLL | None:
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 lib = None
                 if os.environ.get("KATARU_DEBUG"):
-                    print(f"kataru: CPU kernels unavailable ({err}); using torch's matmul", file=sys.stderr)
-        _state["lib"] = lib
-    return _state["lib"]  # type: ignore[return-value]
+                    print(f"kataru: {isa} CPU kernels unavailable ({err}); using "
+                          f"{'the AVX2 build' if isa != 'avx2' else 'torch'}'s matmul", file=sys.stderr)
+        _state["lib"][isa] = lib
+    return _state["lib"][isa]  # type: ignore[no-any-return]
 
 
-def available(kind: str = "linear") -> bool:
-    """Whether the kernels of this kind (linear, attention, norm) run here and now."""
-    if _state["off"][kind]:
+def available(kind: str = "linear", isa: str = "avx2") -> bool:
+    """Whether the kernels of this kind (linear, attention, norm) and build run here and now (the AVX-512
+    build has the matmuls only)."""
+    if _state["off"][kind] or (isa != "avx2" and kind != "linear"):
         return False
     if torch.compiler.is_compiling():  # a trace cannot build or load the library: `compiled_decode` loaded it
-        return _state.get("lib") is not None
-    return library() is not None
+        return _state["lib"].get(isa) is not None
+    return library(isa) is not None
 
 
-def applicable(weight: Tensor, kind: str = "linear") -> bool:
+def isas() -> list[str]:
+    """The builds of the matmul kernels that run here."""
+    return [isa for isa in ISAS if available("linear", isa)]
+
+
+def applicable(weight: Tensor, kind: str = "linear", isa: str = "avx2") -> bool:
     """Whether a CPU weight can go through the kernels now: they run here and the weight is contiguous."""
-    return weight.is_contiguous() and available(kind)
+    return weight.is_contiguous() and available(kind, isa)
 
 
-def usable(x: Tensor, weight: Tensor, kind: str = "linear") -> bool:
+def usable(x: Tensor, weight: Tensor, kind: str = "linear", isa: str = "avx2") -> bool:
     """`applicable(weight)`, and autograd needs nothing from this call (a ctypes call has no backward)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return not wants_grad and applicable(weight, kind)
+    return not wants_grad and applicable(weight, kind, isa)
+
+
+def best_path(x: Tensor, weight: Tensor) -> str | None:
+    """The kernel path cpuid suggests for a matmul (AVX-512 where it runs, else AVX2), None without kernels."""
+    return next((path for path, isa in reversed(PATHS.items()) if usable(x, weight, isa=isa)), None)
 
 
 class _Stub:
@@ -136,12 +184,12 @@ class _Stub:
         return lambda *args: None
 
 
-def _loaded(caller: str) -> ctypes.CDLL | _Stub:
+def _loaded(caller: str, isa: str = "avx2") -> ctypes.CDLL | _Stub:
     """The library, for callers that checked `applicable` first."""
     if _state["stub"]:
         return _Stub()
-    lib = library()
-    assert lib is not None, f"{caller} called where the kernels are unavailable"
+    lib = library(isa)
+    assert lib is not None, f"{caller} called where the {isa} kernels are unavailable"
     return lib
 
 
@@ -165,12 +213,12 @@ def _shaped(y: Tensor, x: Tensor) -> Tensor:
 HALF = (torch.bfloat16, torch.float16)  # the 16-bit float weights `linear_half` reads
 
 
-def _linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def _linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None, isa: str = "avx2") -> Tensor:
     """F.linear with a contiguous bf16 or fp16 CPU weight (float32 accumulation, one rounding to x's dtype).
 
-    The caller checks `applicable(weight)` and that no gradient is wanted.
+    The caller checks `applicable(weight, isa=isa)` and that no gradient is wanted.
     """
-    lib = _loaded("linear_half")
+    lib = _loaded("linear_half", isa)
     n, k = weight.shape
     rows, y, bias, bf16 = _io(x, n, bias)
     fn = lib.kataru_linear_f16 if weight.dtype == torch.float16 else lib.kataru_linear_bf16
@@ -200,14 +248,15 @@ def untile_int8(tiled: Tensor) -> Tensor:
     return tiled.reshape(tiles, k // 4, TILE, 4).permute(0, 2, 1, 3).reshape(tiles * TILE, k)
 
 
-def _linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False) -> Tensor:
+def _linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False,
+                 isa: str = "avx2") -> Tensor:
     """x @ (w * scales[:, None]).T + bias for contiguous int8 CPU weights (w [N, K], or `tile_int8(w)` with
     tiled=True, the faster layout) and float32 scales.
 
     Each input row is quantized to int8 in blocks of 64 values (step max|x_block| / 127), as llama.cpp's
     Q8_0 does, and the products are summed exactly in int32 per block.
     """
-    lib = _loaded("linear_int8")
+    lib = _loaded("linear_int8", isa)
     n, k = (weight.shape[0] * TILE, weight.shape[1] // TILE) if tiled else weight.shape
     rows, y, bias, bf16 = _io(x, n, bias)
     fn = lib.kataru_linear_int8_tiled if tiled else lib.kataru_linear_int8
@@ -241,13 +290,14 @@ def int4_scale_min(scales: Tensor, mins: Tensor) -> Tensor:
     return both.permute(0, 2, 3, 1).bfloat16().contiguous()
 
 
-def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, bias: Tensor | None = None) -> Tensor:
+def _linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, bias: Tensor | None = None,
+                 isa: str = "avx2") -> Tensor:
     """x @ w.T + bias with w = q * scale + min per group; packed from `pack_int4`, scale_min from `int4_scale_min`.
 
     Input rows are quantized to int8 blocks as in `linear_int8`; each group's minimum meets the exact float
     sum of the input block.
     """
-    lib = _loaded("linear_int4")
+    lib = _loaded("linear_int4", isa)
     n, k = packed.shape[0] * TILE, packed.shape[1] // 4
     rows, y, bias, bf16 = _io(x, n, bias)
     lib.kataru_linear_int4(rows.data_ptr(), packed.data_ptr(), scale_min.data_ptr(), _pointer(bias), y.data_ptr(),
@@ -346,12 +396,12 @@ def _define(schema: str, fake: Callable[..., Tensor]) -> None:
     torch.library.register_fake(f"kataru::{name}", fake, lib=_OPS)
 
 
-_define("linear_half(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
-        lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
-_define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool tiled) -> Tensor",
-        lambda x, weight, scales, bias, tiled: x.new_empty(*x.shape[:-1], scales.shape[0]))
-_define("linear_int4(Tensor x, Tensor packed, Tensor scale_min, int group_size, Tensor? bias) -> Tensor",
-        lambda x, packed, scale_min, group_size, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * TILE))
+_define("linear_half(Tensor x, Tensor weight, Tensor? bias, str isa) -> Tensor",
+        lambda x, weight, bias, isa: x.new_empty(*x.shape[:-1], weight.shape[0]))
+_define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool tiled, str isa) -> Tensor",
+        lambda x, weight, scales, bias, tiled, isa: x.new_empty(*x.shape[:-1], scales.shape[0]))
+_define("linear_int4(Tensor x, Tensor packed, Tensor scale_min, int group_size, Tensor? bias, str isa) -> Tensor",
+        lambda x, packed, scale_min, group_size, bias, isa: x.new_empty(*x.shape[:-1], packed.shape[0] * TILE))
 _define("decode_attention(Tensor qkv, Tensor? rope, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor slots, "
         "int n_head, int? window) -> Tensor",
         lambda qkv, rope, k_cache, v_cache, rows, slots, n_head, window:
@@ -362,19 +412,21 @@ _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", lambda x, weig
 
 
 # What the model calls: each kernel directly, or its operator inside a torch.compile trace.
-def linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None, isa: str = "avx2") -> Tensor:
     op = torch.ops.kataru.linear_half if torch.compiler.is_compiling() else _linear_half
-    return op(x, weight, bias)
+    return op(x, weight, bias, isa)
 
 
-def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False) -> Tensor:
+def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False,
+                isa: str = "avx2") -> Tensor:
     op = torch.ops.kataru.linear_int8 if torch.compiler.is_compiling() else _linear_int8
-    return op(x, weight, scales, bias, tiled)
+    return op(x, weight, scales, bias, tiled, isa)
 
 
-def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, bias: Tensor | None = None) -> Tensor:
+def linear_int4(x: Tensor, packed: Tensor, scale_min: Tensor, group_size: int, bias: Tensor | None = None,
+                isa: str = "avx2") -> Tensor:
     op = torch.ops.kataru.linear_int4 if torch.compiler.is_compiling() else _linear_int4
-    return op(x, packed, scale_min, group_size, bias)
+    return op(x, packed, scale_min, group_size, bias, isa)
 
 
 def decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor,

@@ -22,6 +22,12 @@
  *
  * Every output element is summed in the same order whatever the batch size, the blocking or the thread,
  * and each input row is quantized on its own, so a sequence decodes to the same bits alone or batched.
+ *
+ * Built a second time with AVX-512 (F, BW, VL, DQ; VNNI where the CPU has it: kataru.kernels picks the build
+ * by cpuid), the hot loops take 512-bit vectors: bf16 and fp16 weights 16 at a time, and the tiled int8 and
+ * 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
+ * vpmaddubsw + vpmaddwd). Integer sums are exact, so the tiled kernels give the AVX2 build's bits; the float
+ * kernels sum in another order (still the same order for every batch size).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -35,6 +41,29 @@ enum { BF16 = 0, INT8 = 1, INT4 = 2, F16 = 3 };
 #define FLOAT_WEIGHTS(kind) ((kind) == BF16 || (kind) == F16)
 #define QB 64 /* input block for int8 and int4 */
 #define PARALLEL_MIN (1 << 16) /* elements from which the work around the matmul (prefill) is split between threads */
+
+#ifdef __AVX512BW__
+/* acc + the sums of four products of unsigned bytes u and signed bytes s in each 32-bit lane (no pair of
+ * products may exceed int16: the callers' operands keep them below 2 * 127 * 127) */
+static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* the lanes of steps s (low half) and s + 1 (high half) added: 8 exact int32 sums, as the AVX2 code has them */
+static inline __m256i fold(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* sixteen bf16 or fp16 values at element offset i, as float32 */
+static inline __m512 load16(const uint16_t *w, int64_t i, int f16) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)(w + i));
+    return f16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
 
 /* Input rows in int8 blocks: x [M, K] ≈ q * d per block of QB (the last one may be shorter), with the exact
  * float sum of each block (the 4-bit minimum term needs it). Per thread, grown on demand: calls from
@@ -118,6 +147,23 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
     if (FLOAT_WEIGHTS(kind)) {
         const uint16_t *wb = w;
         int64_t k = 0;
+#ifdef __AVX512BW__
+        __m512 wide[4][4];
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) wide[r][m] = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+            __m512 wv[4];
+            for (int r = 0; r < R; r++) wv[r] = load16(wb, (n + r) * K + k, kind == F16);
+            if ((k & 31) == 0)
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wb + (n + r + R) * K + k), _MM_HINT_T0);
+            for (int m = 0; m < M; m++) {
+                __m512 xv = _mm512_loadu_ps(x + m * K + k);
+                for (int r = 0; r < R; r++) wide[r][m] = _mm512_fmadd_ps(wv[r], xv, wide[r][m]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) extra[r][m] = _mm512_reduce_add_ps(wide[r][m]);
+#endif
         for (; k + 8 <= K; k += 8) {
             __m256 wv[4];
             for (int r = 0; r < R; r++)
@@ -242,6 +288,29 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < in.blocks; b++) {
         __m256i sums32[8];
+#ifdef __AVX512BW__
+        /* two steps per 64-byte load: lanes 0-7 step s, 8-15 step s + 1; each lane meets its step's four input
+         * bytes (low nibbles: values 8s..8s+3, high: 8s+4..8s+7), picked from 16 input bytes per step pair */
+        const __m512i low16 = _mm512_set1_epi8(0x0F);
+        const __m512i pick_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+        const __m512i pick_hi = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
+        __m512i wide[8];
+        (void)low, (void)ones;
+        for (int m = 0; m < M; m++) wide[m] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s += 2) {
+            int64_t step = b * 8 + s;
+            const uint8_t *p = wt + step * 32;
+            _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+            __m512i raw = _mm512_loadu_si512((const void *)p);
+            __m512i lo = _mm512_and_si512(raw, low16), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low16);
+            for (int m = 0; m < M; m++) {
+                __m512i a = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(in.q + m * K + step * 8)));
+                wide[m] = dot4(dot4(wide[m], lo, _mm512_permutexvar_epi32(pick_lo, a)), hi,
+                               _mm512_permutexvar_epi32(pick_hi, a));
+            }
+        }
+        for (int m = 0; m < M; m++) sums32[m] = fold(wide[m]);
+#else
         for (int m = 0; m < M; m++) sums32[m] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
             __m256i sums16[8];
@@ -263,6 +332,7 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
             }
             for (int m = 0; m < M; m++) sums32[m] = _mm256_add_epi32(sums32[m], _mm256_madd_epi16(sums16[m], ones));
         }
+#endif
         int64_t g = b / per_group;
         __m256 scale = load8(st, g * 16), min = load8(st, g * 16 + 8);
         for (int m = 0; m < M; m++) {
@@ -285,6 +355,29 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < in.blocks; b++) {
         __m256i s32[4];
+#ifdef __AVX512BW__
+        /* two steps per 64-byte load (lanes 0-7 step s, 8-15 step s + 1); AVX-512 has no vpsignb, so the
+         * weights take x's signs by a masked negation */
+        const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        __m512i wide[4];
+        (void)ones;
+        for (int m = 0; m < M; m++) wide[m] = _mm512_setzero_si512();
+        for (int s = 0; s < QB / 4; s += 2) {
+            int64_t step = b * (QB / 4) + s;
+            const int8_t *p = wt + step * 32;
+            _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+            __m512i raw = _mm512_loadu_si512((const void *)p);
+            for (int m = 0; m < M; m++) {
+                __m512i a = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(
+                                                                _mm_loadl_epi64((const __m128i *)(in.q + m * K + step * 4))));
+                __m512i u = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(
+                                                                _mm_loadl_epi64((const __m128i *)(in.u + m * K + step * 4))));
+                __m512i signed_w = _mm512_mask_sub_epi8(raw, _mm512_movepi8_mask(a), _mm512_setzero_si512(), raw);
+                wide[m] = dot4(wide[m], u, signed_w);
+            }
+        }
+        for (int m = 0; m < M; m++) s32[m] = fold(wide[m]);
+#else
         for (int m = 0; m < M; m++) s32[m] = _mm256_setzero_si256();
         for (int s = 0; s < QB / 4; s++) {
             int64_t step = b * (QB / 4) + s;
@@ -299,6 +392,7 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
                 s32[m] = _mm256_add_epi32(s32[m], _mm256_madd_epi16(pr, ones));
             }
         }
+#endif
         for (int m = 0; m < M; m++)
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[m]), _mm256_set1_ps(in.d[m * in.blocks + b]), acc[m]);
     }

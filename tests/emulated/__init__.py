@@ -1,0 +1,171 @@
+"""kataru's kernels built for instruction sets this CPU may lack, run on an emulated x86-64 CPU.
+
+The AVX-512 build of `kataru/kernels/linear.c` cannot run on an AVX2 machine, and CI has no other. Bochs
+(through bochscpu-python) emulates a Cannon Lake core: AVX-512 F, BW, VL and DQ, but not VNNI or BF16. The
+kernel source is compiled with the AVX-512 flags into a static program with no C library (`runtime.c` gives
+it malloc and two libm functions; `__thread` becomes plain static, OpenMP pragmas are ignored: one thread),
+its segments are mapped into the emulator's memory, and an exported function is called with the System V
+calling convention; it returns into a `hlt`, which ring 3 turns into the #GP that ends the run.
+
+bochscpu-python's wheel names two glibc 2.38 functions (`__isoc23_sscanf`, `__isoc23_strtoull`); on an older
+glibc a two-line shim, compiled here, maps them to the classic ones before the module loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+PAGE = 4096
+HERE = Path(__file__).parent
+KERNELS = HERE.parent.parent / "kataru" / "kernels"
+STACK = 0x7F0000000  # top of a 256 KiB stack
+HALT = 0x600000  # the return address: a page holding one hlt
+DATA = 0x10000000  # the tests' tensors
+SHIM = r"""
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+int __isoc23_sscanf(const char *s, const char *f, ...) { va_list a; va_start(a, f); int r = vsscanf(s, f, a); va_end(a); return r; }
+unsigned long long __isoc23_strtoull(const char *s, char **e, int b) { return strtoull(s, e, b); }
+"""
+AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+
+
+def bochscpu():  # type: ignore[no-untyped-def]
+    """The bochscpu module, or ImportError saying why it cannot load here."""
+    try:
+        import bochscpu as module
+    except ImportError as err:
+        if "__isoc23" not in str(err) or shutil.which("cc") is None:
+            raise
+        shim = Path(tempfile.mkdtemp()) / "isoc23.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-x", "c", "-", "-o", str(shim)], input=SHIM, text=True,
+                       check=True)
+        ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+        import bochscpu as module
+    import bochscpu.cpu
+    import bochscpu.memory
+    return module
+
+
+def build(target: Path, flags: tuple[str, ...] = AVX512) -> Path:
+    """linear.c with `flags` as a static program for the emulator (the same flags kataru's build uses)."""
+    from kataru import kernels
+
+    base = [f for f in kernels.FLAGS if f not in ("-fopenmp", "-fPIC", "-shared")]
+    run = subprocess.run(["cc", *base, *flags, "-D__thread=", "-Wno-unknown-pragmas", "-fno-stack-protector",
+                          "-fno-pie", "-no-pie", "-nostdlib", "-static", "-Wl,--build-id=none",
+                          "-Wl,-e,kataru_linear_bf16", str(KERNELS / "linear.c"), str(HERE / "runtime.c"),
+                          "-o", str(target)], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(run.stderr)
+    return target
+
+
+class Machine:
+    """One emulated CPU with the program's segments, a stack and a data area mapped; `call` runs a function."""
+
+    def __init__(self, program: Path) -> None:
+        self.bx = bochscpu()
+        blob = program.read_bytes()
+        self.pages: dict[int, int] = {}
+        self.table = self.bx.memory.PageMapLevel4Table()
+        self.segments = []
+        phoff, = struct.unpack_from("<Q", blob, 0x20)
+        size, count = struct.unpack_from("<HH", blob, 0x36)
+        for i in range(count):
+            kind, _, offset, vaddr, _, filesz, memsz, _ = struct.unpack_from("<IIQQQQQQ", blob, phoff + i * size)
+            if kind == 1:  # PT_LOAD
+                self._map(vaddr, memsz)
+                self.segments.append((vaddr, blob[offset:offset + filesz]))
+        symbols = subprocess.run(["nm", str(program)], capture_output=True, text=True, check=True).stdout
+        self.symbols = {name: int(addr, 16) for addr, _, name in (line.split() for line in symbols.splitlines()
+                                                                   if len(line.split()) == 3)}
+        self._map(STACK - 64 * PAGE, 64 * PAGE)
+        self._map(HALT, PAGE)
+        self.free = DATA
+        self.pml4 = 0x100000
+        self.instructions = 0
+
+    def _map(self, address: int, size: int) -> None:
+        for page in range(address & ~(PAGE - 1), address + size, PAGE):
+            if page not in self.pages:
+                host = self.bx.memory.allocate_host_page()
+                self.bx.memory.page_insert(page, host)
+                self.table.insert(page, page, 1)
+                self.pages[page] = host
+
+    def _commit(self) -> None:
+        for host, guest in self.table.commit(self.pml4):
+            self.bx.memory.page_insert(guest, host)
+        for vaddr, data in self.segments:
+            self.write(vaddr, data)
+        self.segments = []  # written once: .data and .bss then live on across calls, as in a process
+        self.write(HALT, b"\xf4")
+
+    def write(self, address: int, data: bytes) -> None:
+        assert self.bx.memory.virt_write(self.pml4, address, bytearray(data))
+
+    def read(self, address: int, size: int) -> bytes:
+        return bytes(self.bx.memory.virt_read(self.pml4, address, size))
+
+    def put(self, tensor: Tensor) -> int:
+        """A copy of a CPU tensor in the emulator's memory; its address."""
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        address = self.free
+        self._map(address, len(data) + 64)
+        self.free = (address + len(data) + 127) & ~63
+        self._commit()
+        self.write(address, data)
+        return address
+
+    def get(self, address: int, like: Tensor) -> Tensor:
+        data = self.read(address, like.numel() * like.element_size())
+        return torch.frombuffer(bytearray(data), dtype=like.dtype).reshape(like.shape).clone()
+
+    def call(self, name: str, *args: int) -> None:
+        """Run `name(*args)` (integers and pointers) to its return."""
+        bx = self.bx
+        self._commit()
+        state = bx.State()
+        bx.cpu.set_long_mode(state)
+        cr4 = bx.cpu.ControlRegister(state.cr4)
+        cr4.OSFXSR = cr4.OSXMMEXCPT = cr4.OSXSAVE = True  # SSE, and XSAVE state for AVX and AVX-512
+        state.cr4 = int(cr4)
+        state.xcr0 = 0xE7  # x87, SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+        state.mxcsr = 0x1F80
+        state.cr3 = self.pml4
+        spilled = [a & (2**64 - 1) for a in args[6:]]
+        base = (STACK - 256 - 8 * len(spilled)) & ~15  # rsp + 8 is 16-aligned at entry
+        self.write(base - 8, struct.pack(f"<{1 + len(spilled)}Q", HALT, *spilled))
+        for register, value in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9"), args[:6], strict=False):
+            setattr(state, register, value & (2**64 - 1))
+        state.rsp, state.rip = base - 8, self.symbols[name]
+        code, data = bx.Segment(), bx.Segment()
+        for segment, selector, attr in ((code, 0x33, 0x22FB), (data, 0x2B, 0xCF3)):  # 64-bit ring 3
+            segment.present, segment.selector, segment.base, segment.limit, segment.attr = \
+                True, selector, 0, 0xFFFFFFFF, attr
+        state.cs = code
+        state.ds = state.ss = state.es = state.fs = state.gs = data
+        session = bx.Session()
+        session.missing_page_handler = self._missing
+        session.cpu.state = state
+        fault: list[tuple[int, int]] = []
+        hook = bx.Hook()
+        hook.exception = lambda s, cpu, vector, error: (fault.append((vector, s.cpu.rip)), s.stop())
+        session.run([hook])
+        vector, rip = fault[0] if fault else (None, 0)
+        if not (vector == 13 and HALT <= rip <= HALT + 1):  # the hlt at the return address, or a real fault
+            raise RuntimeError(f"{name}: CPU exception {vector} at {rip:#x} (6: an instruction this CPU lacks)")
+
+    @staticmethod
+    def _missing(address: int) -> None:
+        raise RuntimeError(f"the emulated program touched unmapped memory at {address:#x}")

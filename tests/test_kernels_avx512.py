@@ -1,0 +1,183 @@
+"""The AVX-512 build of kataru's matmul kernels: its code on an emulated AVX-512 CPU (this project's machines
+are AVX2-only; `tests/emulated`), on the real CPU where it has AVX-512, and the choice of build by cpuid.
+
+The tiled int8 and 4-bit kernels sum exactly in integers, so their AVX-512 build must give the AVX2 build's
+bits; the 16-bit float kernels sum in another order and must stay within float32 accumulation plus one
+rounding, with each row's bits independent of the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import emulated
+import pytest
+import torch
+
+from kataru import kernels
+from kataru.model import Linear
+
+needs_avx2 = pytest.mark.skipif(not kernels.available(), reason="kataru's AVX2 kernels do not run here (the "
+                                                                "reference for the AVX-512 build)")
+
+
+@functools.cache
+def emulator_or_reason() -> str | None:
+    if shutil.which("cc") is None or shutil.which("nm") is None:
+        return "no C compiler or binutils to build the kernels for the emulator"
+    try:
+        emulated.bochscpu()
+    except ImportError as err:  # an x86-64 Linux wheel only
+        return f"bochscpu-python (the emulated AVX-512 CPU) cannot load here: {err}"
+    return None
+
+
+needs_emulator = pytest.mark.skipif(emulator_or_reason() is not None, reason=str(emulator_or_reason()))
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return emulated.build(tmp_path_factory.mktemp("avx512") / "linear-avx512")
+
+
+def run_emulated(program: Path, name: str, tensors: list[torch.Tensor], sizes: list[int], out: torch.Tensor
+                 ) -> torch.Tensor:
+    """`name(*tensors, 0 (no bias), out, *sizes, float32 activations, one thread)` on a fresh emulated CPU."""
+    machine = emulated.Machine(program)
+    pointers = [machine.put(t) for t in tensors]
+    y = machine.put(out)
+    machine.call(name, *pointers, 0, y, *sizes, 0, 1)
+    return machine.get(y, out)
+
+
+def rows_of(rows: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_emulator
+def test_the_program_is_the_512_bit_code(program: Path) -> None:
+    code = subprocess.run(["objdump", "-d", str(program)], capture_output=True, text=True).stdout
+    assert code.count("zmm") > 100  # wide loads, FMAs and integer dot products
+
+
+@needs_emulator
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+def test_int4_tiles_give_the_avx2_bits(program: Path, rows: int) -> None:
+    n, k, group = 64, 256, 128
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scale_min = kernels.int4_scale_min(torch.rand(n, k // group, generator=g) * 0.1,
+                                       -torch.rand(n, k // group, generator=g))
+    packed, x = kernels.pack_int4(q), rows_of(rows, k, rows)
+    got = run_emulated(program, "kataru_linear_int4", [x, packed, scale_min], [rows, k, n, group],
+                       torch.empty(rows, n))
+    assert torch.equal(got, kernels.linear_int4(x, packed, scale_min, group))
+
+
+@needs_emulator
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_int8_tiles_give_the_avx2_bits(program: Path, rows: int) -> None:
+    n, k = 48, 320
+    q = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(rows), dtype=torch.int8)
+    tiled, scales, x = kernels.tile_int8(q), torch.rand(n) * 0.01, rows_of(rows, k, rows)
+    got = run_emulated(program, "kataru_linear_int8_tiled", [x, tiled, scales], [rows, k, n], torch.empty(rows, n))
+    assert torch.equal(got, kernels.linear_int8(x, tiled, scales, tiled=True))
+
+
+@needs_emulator
+@pytest.mark.parametrize("k", [256, 269, 13])  # 16-wide steps only; then an 8-wide step and a tail; tail only
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "kataru_linear_bf16"), (torch.float16, "kataru_linear_f16")])
+def test_16_bit_weights_within_float32_sums_and_batch_invariant(program: Path, k: int, dtype: torch.dtype,
+                                                                name: str) -> None:
+    """As test_kernels' bound: k products summed in float32 err by at most k 2^-24 sum|x w| (float32 out)."""
+    n, rows = 40, 5
+    w = (rows_of(n, k, 1) * 0.1).to(dtype)
+    x = rows_of(rows, k, 2)
+    got = run_emulated(program, name, [x, w], [rows, k, n], torch.empty(rows, n))
+    exact = x.double() @ w.double().t()
+    bound = k * 2**-24 * (x.double().abs() @ w.double().abs().t())
+    assert ((got.double() - exact).abs() <= bound * 1.01).all()
+    alone = run_emulated(program, name, [x[3:4], w], [1, k, n], torch.empty(1, n))
+    assert torch.equal(alone, got[3:4])  # a row's bits do not depend on its batch
+
+
+@needs_emulator
+def test_the_emulated_cpu_refuses_what_it_lacks(tmp_path: Path) -> None:
+    """The emulated Cannon Lake has no VNNI: the VNNI build must stop on its first vpdpbusd (#UD), which shows
+    that the emulator checks instruction sets (a pass above means the AVX-512 code really ran) and that the
+    VNNI build really uses them."""
+    program = emulated.build(tmp_path / "linear-vnni", (*emulated.AVX512, "-mavx512vnni"))
+    x = rows_of(1, 256, 0)
+    with pytest.raises(RuntimeError, match="CPU exception 6"):
+        run_emulated(program, "kataru_linear_int4", [x, kernels.pack_int4(torch.zeros(8, 256, dtype=torch.long)),
+                                                     kernels.int4_scale_min(torch.ones(8, 4), torch.zeros(8, 4))],
+                     [1, 256, 8, 64], torch.empty(1, 8))
+
+
+@pytest.mark.skipif(not kernels.available(isa="avx512"),
+                    reason=f"this CPU lacks AVX-512 (F, BW, VL and DQ), has "
+                           f"{' '.join(sorted(f for f in kernels.cpu_flags() if f.startswith('avx'))) or 'no AVX'}; "
+                           "the build ran on the emulated CPU above")
+@torch.inference_mode()
+def test_the_avx512_build_on_this_cpu() -> None:
+    x, n, k = rows_of(6, 256, 0), 64, 256
+    q4 = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    packed, scale_min = kernels.pack_int4(q4), kernels.int4_scale_min(torch.rand(n, 4) * 0.1, -torch.rand(n, 4))
+    assert torch.equal(kernels.linear_int4(x, packed, scale_min, 64, isa="avx512"),
+                       kernels.linear_int4(x, packed, scale_min, 64))
+    q8 = kernels.tile_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8))
+    scales = torch.rand(n) * 0.01
+    assert torch.equal(kernels.linear_int8(x, q8, scales, tiled=True, isa="avx512"),
+                       kernels.linear_int8(x, q8, scales, tiled=True))
+    w = (rows_of(n, k, 1) * 0.1).bfloat16()
+    exact = x.double() @ w.double().t()
+    got = kernels.linear_half(x, w, isa="avx512").double()
+    assert ((got - exact).abs() <= k * 2**-24 * (x.double().abs() @ w.double().abs().t()) * 1.01).all()
+    layer = Linear(k, n).bfloat16().requires_grad_(False)
+    assert layer.default_path(x.bfloat16(), 1) == "kernel-avx512"  # cpuid's choice without a plan
+
+
+def test_the_build_is_chosen_by_cpuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    assert kernels.supported("avx512") and "-mavx512vnni" not in kernels.isa_flags("avx512")
+    flags.add("avx512_vnni")
+    assert kernels.isa_flags("avx512")[-1] == "-mavx512vnni" and set(emulated.AVX512) <= set(kernels.isa_flags("avx512"))
+    monkeypatch.setenv("KATARU_KERNEL_ISA", "avx2")
+    assert not kernels.supported("avx512") and kernels.supported("avx2")
+    monkeypatch.delenv("KATARU_KERNEL_ISA")
+    flags.discard("avx512bw")  # Knights Landing: AVX-512F without BW
+    assert not kernels.supported("avx512")
+    flags.add("avx512bw")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # the OS does not save zmm
+    assert not kernels.supported("avx512")
+
+
+@needs_avx2
+def test_a_compiler_without_avx512_leaves_the_avx2_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A missing instruction set is never an error: a compiler that rejects -mavx512f leaves "kernel"."""
+    cc = tmp_path / "cc"
+    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo 'unknown -mavx512f' >&2; exit 1;; esac\n"
+                  f"exec {shutil.which('cc')} \"$@\"\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("KATARU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_state", {"lib": {}, "off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
+    supported = kernels.supported
+    monkeypatch.setattr(kernels, "supported", lambda isa="avx2": True if isa == "avx512" else supported(isa))
+    assert kernels.library("avx512") is None and kernels.library("avx2") is not None
+    assert kernels.isas() == ["avx2"]
+    layer = Linear(64, 48).bfloat16().requires_grad_(False)
+    x = torch.randn(2, 64).bfloat16()
+    assert layer.default_path(x, 2) == "kernel" and not layer.can_run("kernel-avx512", x)
+    assert torch.equal(layer(x), kernels.linear_half(x, layer.weight, layer.bias))
+    assert os.listdir(tmp_path / "cache" / "kernels") and all(
+        name.endswith(".so") for name in os.listdir(tmp_path / "cache" / "kernels"))  # no temp files left
