@@ -131,8 +131,9 @@ class Machine:
         data = self.read(address, like.numel() * like.element_size())
         return torch.frombuffer(bytearray(data), dtype=like.dtype).reshape(like.shape).clone()
 
-    def call(self, name: str, *args: int) -> None:
-        """Run `name(*args)` (integers and pointers) to its return."""
+    def call(self, name: str, *args: int, count: bool = False) -> int:
+        """Run `name(*args)` (integers and pointers) to its return; with `count`, return the number of
+        instructions it executed (a Python callback per instruction: slow), else 0."""
         bx = self.bx
         self._commit()
         state = bx.State()
@@ -161,10 +162,14 @@ class Machine:
         fault: list[tuple[int, int]] = []
         hook = bx.Hook()
         hook.exception = lambda s, cpu, vector, error: (fault.append((vector, s.cpu.rip)), s.stop())
+        executed = [0]
+        if count:
+            hook.after_execution = lambda s, cpu, instruction: executed.__setitem__(0, executed[0] + 1)
         session.run([hook])
         vector, rip = fault[0] if fault else (None, 0)
         if not (vector == 13 and HALT <= rip <= HALT + 1):  # the hlt at the return address, or a real fault
             raise RuntimeError(f"{name}: CPU exception {vector} at {rip:#x} (6: an instruction this CPU lacks)")
+        return executed[0]
 
     @staticmethod
     def _missing(address: int) -> None:
