@@ -72,7 +72,8 @@ def compiled_decode(model: Transformer) -> DecodeStep:
     """model.decode through torch.compile (dynamo keeps its graphs with the code, so engines on one model
     share them); falls back to eager decoding, with one line on stderr, when the compiler is unavailable or
     fails."""
-    kernels.library()  # built and loaded now: a compiled graph calls the kernels as torch operators
+    for isa in kernels.ISAS:  # every build loaded now: a compiled graph calls the kernels as torch operators
+        kernels.library(isa)
     try:
         compiled = torch.compile(model.decode, dynamic=True)
     except Exception as err:  # torch built without dynamo, an unsupported Python, ...
