@@ -5,7 +5,8 @@ profiler's top operators.
 
 usage: .venv/bin/python bench/decode_overhead.py [--shape llm-jp-3.1-1.8b] [--layers N] [--quantize int8|int4]
                                                  [--batch 1] [--steps 30]
-The logits are garbage once the kernels are stubbed; only the time means anything.
+The logits are zeros once the kernels are stubbed (garbage would read as a failed row and end the request);
+only the time means anything.
 """
 
 from __future__ import annotations

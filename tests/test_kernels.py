@@ -425,7 +425,7 @@ def test_engine_decode_attends_on_the_kernel_with_the_logits_of_sdpa(family: str
 @needs_kernel
 def test_kernels_switch_off_by_kind_and_stub_for_experiments() -> None:
     """`disabled("norm")` sends norms to torch and leaves the matmul kernel on; `stubbed()` makes every kernel
-    call return at once (its output unwritten), which is how bench/decode_overhead.py times the rest."""
+    call return at once (its output zero), which is how bench/decode_overhead.py times the rest."""
     x, weight = torch.randn(2, 64), torch.ones(64)
     assert kernels.norm_applicable(x, weight) and kernels.available("linear")
     with kernels.disabled("norm"):
@@ -441,3 +441,4 @@ def test_kernels_switch_off_by_kind_and_stub_for_experiments() -> None:
     with kernels.stubbed():
         stub = kernels.linear_half(x.bfloat16(), w)
     assert stub.shape == y.shape and torch.equal(kernels.linear_half(x.bfloat16(), w), y)
+    assert not stub.any()  # zeros, not garbage: NaN logits would end the request as a failed row

@@ -199,7 +199,13 @@ def _io(x: Tensor, n: int, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor 
     rows = x.reshape(-1, x.shape[-1])
     rows = (rows if rows.dtype in ACTIVATIONS else rows.float()).contiguous()
     bias = None if bias is None else bias.to(rows.dtype).contiguous()
-    return rows, torch.empty(rows.shape[0], n, dtype=rows.dtype), bias, int(rows.dtype == torch.bfloat16)
+    return rows, _output(rows.shape[0], n, dtype=rows.dtype), bias, int(rows.dtype == torch.bfloat16)
+
+
+def _output(*shape: int, dtype: torch.dtype) -> Tensor:
+    """A kernel's output, for it to fill; zeros inside `stubbed()`, where no kernel writes it (garbage could be
+    NaN, which the engine treats as a failed row and stops decoding)."""
+    return torch.zeros(*shape, dtype=dtype) if _state["stub"] else torch.empty(*shape, dtype=dtype)
 
 
 def _pointer(t: Tensor | None) -> int:
@@ -315,7 +321,7 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`model.RMSNorm` for CPU rows in float32 or bf16 with a weight of the same type, in one call."""
     lib = _loaded("rms_norm")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(rows)
+    out = _output(*rows.shape, dtype=rows.dtype)
     lib.kataru_rms_norm(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
                         int(x.dtype == torch.bfloat16))
     return out.view(x.shape)
@@ -347,7 +353,7 @@ def _decode_attention(qkv: Tensor, rope: Tensor | None, k_cache: Tensor, v_cache
     qkv = qkv.contiguous()
     rot = 0 if rope is None else rope.shape[-1]
     tables = None if rope is None else rope.to(qkv.dtype).contiguous()
-    out = torch.empty(b, n_head * d, dtype=qkv.dtype)
+    out = _output(b, n_head * d, dtype=qkv.dtype)
     lib.kataru_decode_attention(qkv.data_ptr(), _pointer(tables), rot, k_cache.data_ptr(),
                                 v_cache.data_ptr(), rows.data_ptr(), slots.data_ptr(), out.data_ptr(), b, n_head,
                                 h_kv, s, d, window or 0, d**-0.5, int(qkv.dtype == torch.bfloat16),
@@ -373,8 +379,8 @@ def disabled(*kinds: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def stubbed() -> Iterator[None]:
-    """Every kernel call returns at once, leaving its output unwritten (garbage), inside the block: what a step
-    costs besides its kernels (`bench/decode_overhead.py`). Only the time means anything."""
+    """Every kernel call returns at once, leaving its output zero, inside the block: what a step costs besides
+    its kernels (`bench/decode_overhead.py`). Only the time means anything."""
     _state["stub"] += 1
     try:
         yield
