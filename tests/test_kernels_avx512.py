@@ -107,17 +107,53 @@ def test_16_bit_weights_within_float32_sums_and_batch_invariant(program: Path, k
     assert torch.equal(alone, got[3:4])  # a row's bits do not depend on its batch
 
 
+@pytest.fixture(scope="module")
+def vnni_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return emulated.build(tmp_path_factory.mktemp("vnni") / "linear-vnni", (*emulated.AVX512, "-mavx512vnni"))
+
+
+def int_operands(kind: str, rows: int) -> tuple[str, list[torch.Tensor], list[int], torch.Tensor]:
+    """(function, tensors, sizes, the AVX2 build's output) of a tiled int8 or 4-bit call."""
+    n, k = 64, 256
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g)
+    if kind == "int4":
+        packed = kernels.pack_int4(torch.randint(0, 16, (n, k), generator=g))
+        scale_min = kernels.int4_scale_min(torch.rand(n, 4, generator=g), -torch.rand(n, 4, generator=g))
+        return ("kataru_linear_int4", [x, packed, scale_min], [rows, k, n, 64],
+                kernels.linear_int4(x, packed, scale_min, 64))
+    tiled = kernels.tile_int8(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+    scales = torch.rand(n, generator=g) * 0.01
+    return "kataru_linear_int8_tiled", [x, tiled, scales], [rows, k, n], kernels.linear_int8(x, tiled, scales,
+                                                                                             tiled=True)
+
+
 @needs_emulator
-def test_the_emulated_cpu_refuses_what_it_lacks(tmp_path: Path) -> None:
-    """The emulated Cannon Lake has no VNNI: the VNNI build must stop on its first vpdpbusd (#UD), which shows
-    that the emulator checks instruction sets (a pass above means the AVX-512 code really ran) and that the
-    VNNI build really uses them."""
-    program = emulated.build(tmp_path / "linear-vnni", (*emulated.AVX512, "-mavx512vnni"))
-    x = rows_of(1, 256, 0)
+def test_the_emulated_cpu_refuses_what_it_lacks(vnni_program: Path) -> None:
+    """The emulated Cannon Lake has no VNNI: the VNNI build stops on its first vpdpbusd (#UD), which shows that
+    the emulator checks instruction sets (a pass above means the AVX-512 code really ran) and that the VNNI
+    build really uses them."""
+    name, tensors, sizes, _ = int_operands("int4", 1)
+    machine = emulated.Machine(vnni_program)
+    pointers = [machine.put(t) for t in tensors]
     with pytest.raises(RuntimeError, match="CPU exception 6"):
-        run_emulated(program, "kataru_linear_int4", [x, kernels.pack_int4(torch.zeros(8, 256, dtype=torch.long)),
-                                                     kernels.int4_scale_min(torch.ones(8, 4), torch.zeros(8, 4))],
-                     [1, 256, 8, 64], torch.empty(1, 8))
+        machine.call(name, *pointers, 0, machine.put(torch.empty(1, 64)), *sizes, 0, 1)
+
+
+@needs_emulator
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_the_vnni_build_gives_the_avx2_bits(vnni_program: Path, kind: str, rows: int) -> None:
+    """The VNNI build on the emulated CPU, each vpdpbusd done by the test as Intel's manual defines it
+    (`Machine._dpbusd`; the rest of the build runs on the emulated CPU)."""
+    name, tensors, sizes, expected = int_operands(kind, rows)
+    machine = emulated.Machine(vnni_program)
+    pointers = [machine.put(t) for t in tensors]
+    y = machine.put(torch.empty(rows, 64))
+    machine.call(name, *pointers, 0, y, *sizes, 0, 1, vnni=True)
+    assert machine.dpbusd_done == rows * 64 * 256 // 64  # every multiply-add in vpdpbusd, 64 per instruction
+    assert torch.equal(machine.get(y, expected), expected)
 
 
 @pytest.mark.skipif(not kernels.available(isa="avx512"),

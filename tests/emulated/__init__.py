@@ -5,7 +5,9 @@ The AVX-512 build of `kataru/kernels/linear.c` cannot run on an AVX2 machine, an
 kernel source is compiled with the AVX-512 flags into a static program with no C library (`runtime.c` gives
 it malloc and two libm functions; `__thread` becomes plain static, OpenMP pragmas are ignored: one thread),
 its segments are mapped into the emulator's memory, and an exported function is called with the System V
-calling convention; it returns into a `hlt`, which ring 3 turns into the #GP that ends the run.
+calling convention; it returns into a `hlt`, which ring 3 turns into the #GP that ends the run. The VNNI
+build runs too: each of its `vpdpbusd` (which the emulated CPU refuses with #UD) is done in Python on the
+stopped CPU's registers, and the run resumes after it.
 
 bochscpu-python's wheel names two glibc 2.38 functions (`__isoc23_sscanf`, `__isoc23_strtoull`); on an older
 glibc a two-line shim, compiled here, maps them to the classic ones before the module loads.
@@ -19,6 +21,7 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,7 +96,7 @@ class Machine:
         self._map(HALT, PAGE)
         self.free = DATA
         self.pml4 = 0x100000
-        self.instructions = 0
+        self.dpbusd_done = 0  # vpdpbusd instructions done by `_dpbusd`
 
     def _map(self, address: int, size: int) -> None:
         for page in range(address & ~(PAGE - 1), address + size, PAGE):
@@ -131,9 +134,11 @@ class Machine:
         data = self.read(address, like.numel() * like.element_size())
         return torch.frombuffer(bytearray(data), dtype=like.dtype).reshape(like.shape).clone()
 
-    def call(self, name: str, *args: int, count: bool = False) -> int:
+    def call(self, name: str, *args: int, count: bool = False, vnni: bool = False) -> int:
         """Run `name(*args)` (integers and pointers) to its return; with `count`, return the number of
-        instructions it executed (a Python callback per instruction: slow), else 0."""
+        instructions it executed (a Python callback per instruction: slow), else 0. With `vnni`, each
+        register-form vpdpbusd, which the emulated CPU lacks, stops the run, is done here (`dpbusd`) and the run
+        goes on after it."""
         bx = self.bx
         self._commit()
         state = bx.State()
@@ -167,9 +172,42 @@ class Machine:
             hook.after_execution = lambda s, cpu, instruction: executed.__setitem__(0, executed[0] + 1)
         session.run([hook])
         vector, rip = fault[0] if fault else (None, 0)
+        while vnni and vector == 6 and self._dpbusd(session, rip):
+            fault.clear()
+            session.run([hook])
+            vector, rip = fault[0] if fault else (None, 0)
         if not (vector == 13 and HALT <= rip <= HALT + 1):  # the hlt at the return address, or a real fault
             raise RuntimeError(f"{name}: CPU exception {vector} at {rip:#x} (6: an instruction this CPU lacks)")
         return executed[0]
+
+    def _dpbusd(self, session: Any, end: int) -> bool:
+        """Do the `vpdpbusd zmm, zmm, zmm` that ends at `end` (Bochs reports a #UD after the instruction) on the
+        stopped CPU's registers as Intel's manual defines it: each 32-bit lane of the destination plus the four
+        products of the first source's unsigned bytes and the second's signed bytes (no saturation); then
+        resume after it. False when the bytes there are not that instruction."""
+        code = self.read(end - 6, 6)
+        p0, p1, p2, opcode, modrm = code[1], code[2], code[3], code[4], code[5]
+        if not (code[0] == 0x62 and opcode == 0x50 and p0 & 0b11 == 2 and p1 & 0b10000111 == 0b101
+                and p2 & 0b11110111 == 0b01000000 and modrm >> 6 == 3):  # 0F38, 66, W0, 512-bit, no mask
+            return False
+        inverted = lambda byte, bit: 1 - (byte >> bit & 1)  # noqa: E731 (EVEX stores these bits inverted)
+        dest = (modrm >> 3 & 7) + 8 * inverted(p0, 7) + 16 * inverted(p0, 4)
+        first = (~p1 >> 3 & 15) + 16 * inverted(p2, 3)
+        second = (modrm & 7) + 8 * inverted(p0, 5) + 16 * inverted(p0, 6)
+        state = session.cpu.state
+        zmm = state.zmm
+        lanes = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first, second)}
+        products = lanes[first].to(torch.int64) * lanes[second].view(torch.int8).to(torch.int64)
+        total = lanes[dest].view(torch.int32).to(torch.int64) + products.reshape(16, 4).sum(1)
+        result = ((total + 2**31) % 2**32 - 2**31).to(torch.int32)  # wraps as the instruction does
+        register = zmm[dest]
+        register.q = result.view(torch.uint64).tolist()
+        zmm[dest] = register
+        state.zmm = zmm
+        state.rip = end
+        session.cpu.state = state
+        self.dpbusd_done += 1
+        return True
 
     @staticmethod
     def _missing(address: int) -> None:
