@@ -1,12 +1,14 @@
-"""Instructions per weight of kataru's matmul kernels, AVX2 build beside AVX-512 build, on an emulated CPU.
+"""Instructions per weight of kataru's matmul kernels, AVX2 build beside AVX-512 builds, on an emulated CPU.
 
 No AVX-512 machine is at hand, so their speed cannot be timed here; what can be counted is the work each
-build asks of the CPU. Both builds of `kataru/kernels/linear.c` run on the same emulated core
-(`tests/emulated`: Bochs, a Cannon Lake with AVX2 and AVX-512 F/BW/VL/DQ, no VNNI) on one weight shape per
-kind, one thread, and every instruction executed is counted. Fewer instructions per weight matter where a
-kernel is bound by compute (decode batches of several rows); at one row decoding is bound by memory bandwidth,
-which no instruction set changes. This is not a timing: a real CPU may run 512-bit instructions at a lower
-clock, which is why kataru's plan times both builds on the user's CPU before it picks one.
+build asks of the CPU. The builds of `kataru/kernels/linear.c` run on the same emulated core (`tests/emulated`:
+Bochs, a Cannon Lake with AVX2 and AVX-512 F/BW/VL/DQ, no VNNI) on one weight shape per kind, one thread, and
+every instruction executed is counted; so is the build a CPU with VNNI and AVX512-BF16 gets, whose `vpdpbusd`
+and `vdpbf16ps` the harness does outside the emulator (counted one each; slow: a stop and a resume each).
+Fewer instructions per weight matter where a kernel is bound by compute (decode batches of several rows); at
+one row decoding is bound by memory bandwidth, which no instruction set changes. This is not a timing: a real
+CPU may run 512-bit instructions at a lower clock, which is why kataru's plan times the builds on the user's
+CPU before it picks one.
 
 usage: .venv/bin/python bench/kernel_instructions.py [--rows 1,8,32] [--out 1024] [--in 1024]
 """
@@ -46,7 +48,8 @@ def count(program: Path, kind: str, rows: int, n: int, k: int) -> int:
     machine = emulated.Machine(program)
     pointers = [machine.put(t) for t in tensors]
     y = machine.put(torch.empty(rows, n))
-    return machine.call(name, *pointers, 0, y, *sizes, 0, 1, count=True)
+    executed = machine.call(name, *pointers, 0, y, *sizes, 0, 1, count=True, lacking=True)
+    return executed + sum(machine.done.values())  # vpdpbusd and vdpbf16ps, done outside the emulator
 
 
 def main() -> None:
@@ -56,16 +59,18 @@ def main() -> None:
     parser.add_argument("--in", dest="inner", type=int, default=1024, help="input features (a multiple of 64)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
-    builds = {"AVX2": emulated.build(folder / "avx2", ()), "AVX-512": emulated.build(folder / "avx512")}
+    builds = {"AVX2": emulated.build(folder / "avx2", ()), "AVX-512": emulated.build(folder / "avx512"),
+              "+VNNI+BF16": emulated.build(folder / "full", (*emulated.AVX512, "-mavx512vnni", "-mavx512bf16"))}
     n, k = args.out, args.inner
-    print(f"instructions per weight, {n}x{k} weights, one thread, emulated Cannon Lake (AVX-512 without VNNI)\n")
-    print("| weights | rows | AVX2 | AVX-512 | AVX-512 / AVX2 |")
-    print("|---|---|---|---|---|")
+    print(f"instructions per weight, {n}x{k} weights, one thread, emulated Cannon Lake (AVX-512 F/BW/VL/DQ; "
+          "VNNI's and BF16's dot products done outside the emulator, one instruction each)\n")
+    print("| weights | rows | AVX2 | AVX-512 | AVX-512 + VNNI + BF16 | ratios to AVX2 |")
+    print("|---|---|---|---|---|---|")
     for kind in ("bf16", "fp16", "int8", "int4"):
         for rows in (int(r) for r in args.rows.split(",")):
             per = {build: count(program, kind, rows, n, k) / (n * k) for build, program in builds.items()}
-            print(f"| {kind} | {rows} | {per['AVX2']:.3f} | {per['AVX-512']:.3f} | "
-                  f"{per['AVX-512'] / per['AVX2']:.2f} |", flush=True)
+            print(f"| {kind} | {rows} | {per['AVX2']:.3f} | {per['AVX-512']:.3f} | {per['+VNNI+BF16']:.3f} | "
+                  f"{per['AVX-512'] / per['AVX2']:.2f} / {per['+VNNI+BF16'] / per['AVX2']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

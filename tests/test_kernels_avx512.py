@@ -151,9 +151,42 @@ def test_the_vnni_build_gives_the_avx2_bits(vnni_program: Path, kind: str, rows:
     machine = emulated.Machine(vnni_program)
     pointers = [machine.put(t) for t in tensors]
     y = machine.put(torch.empty(rows, 64))
-    machine.call(name, *pointers, 0, y, *sizes, 0, 1, vnni=True)
-    assert machine.dpbusd_done == rows * 64 * 256 // 64  # every multiply-add in vpdpbusd, 64 per instruction
+    machine.call(name, *pointers, 0, y, *sizes, 0, 1, lacking=True)
+    assert machine.done == {"vpdpbusd": rows * 64 * 256 // 64}  # every multiply-add in one, 64 per instruction
     assert torch.equal(machine.get(y, expected), expected)
+
+
+@pytest.fixture(scope="module")
+def bf16_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The build a CPU with AVX512-BF16 gets (Sapphire Rapids, Zen 4): VNNI and BF16 too."""
+    return emulated.build(tmp_path_factory.mktemp("bf16") / "linear-bf16",
+                          (*emulated.AVX512, "-mavx512vnni", "-mavx512bf16"))
+
+
+@needs_emulator
+@pytest.mark.parametrize("k", [256, 269, 40])  # 32-wide steps only; then 8-wide and a tail; one 8-wide step
+def test_the_bf16_build_sums_x_rounded_to_bf16_by_vdpbf16ps(bf16_program: Path, k: int) -> None:
+    """bf16 weights meet the input rounded to bf16 (to nearest even, as torch rounds): against that input
+    the result errs only by float32 sums, every weight pair of the 32-wide steps goes through vdpbf16ps (done
+    by the test, as Intel's manual defines it), and a row's bits do not depend on its batch."""
+    n, rows = 24, 5
+    w, x = (rows_of(n, k, 1) * 0.1).bfloat16(), rows_of(rows, k, 2)
+    machine = emulated.Machine(bf16_program)
+    pointers = [machine.put(t) for t in (x, w)]
+    y = machine.put(torch.empty(rows, n))
+    machine.call("kataru_linear_bf16", *pointers, 0, y, rows, k, n, 0, 1, lacking=True)
+    got = machine.get(y, torch.empty(rows, n)).double()
+    assert machine.done.get("vdpbf16ps", 0) == rows * n * (k // 32)  # 32 multiply-adds per instruction
+    xr = x.bfloat16().double()
+    exact = xr @ w.double().t()
+    assert ((got - exact).abs() <= k * 2**-24 * (xr.abs() @ w.double().abs().t()) * 1.01).all()
+    if k >= 32:  # not the float32 x: its products differ past bf16's precision
+        assert not torch.allclose(got, x.double() @ w.double().t(), rtol=0, atol=k * 2**-24)
+    alone = emulated.Machine(bf16_program)
+    pointers = [alone.put(t) for t in (x[3:4], w)]
+    one = alone.put(torch.empty(1, n))
+    alone.call("kataru_linear_bf16", *pointers, 0, one, 1, k, n, 0, 1, lacking=True)
+    assert torch.equal(alone.get(one, torch.empty(1, n)).double(), got[3:4])
 
 
 @pytest.mark.skipif(not kernels.available(isa="avx512"),
@@ -172,9 +205,10 @@ def test_the_avx512_build_on_this_cpu() -> None:
     assert torch.equal(kernels.linear_int8(x, q8, scales, tiled=True, isa="avx512"),
                        kernels.linear_int8(x, q8, scales, tiled=True))
     w = (rows_of(n, k, 1) * 0.1).bfloat16()
-    exact = x.double() @ w.double().t()
+    xr = x.bfloat16().float() if "avx512_bf16" in kernels.cpu_flags() else x  # vdpbf16ps takes x in bf16
+    exact = xr.double() @ w.double().t()
     got = kernels.linear_half(x, w, isa="avx512").double()
-    assert ((got - exact).abs() <= k * 2**-24 * (x.double().abs() @ w.double().abs().t()) * 1.01).all()
+    assert ((got - exact).abs() <= k * 2**-24 * (xr.double().abs() @ w.double().abs().t()) * 1.01).all()
     layer = Linear(k, n).bfloat16().requires_grad_(False)
     assert layer.default_path(x.bfloat16(), 1) == "kernel-avx512"  # cpuid's choice without a plan
 
@@ -184,9 +218,10 @@ def test_the_build_is_chosen_by_cpuid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
-    assert kernels.supported("avx512") and "-mavx512vnni" not in kernels.isa_flags("avx512")
-    flags.add("avx512_vnni")
-    assert kernels.isa_flags("avx512")[-1] == "-mavx512vnni" and set(emulated.AVX512) <= set(kernels.isa_flags("avx512"))
+    assert kernels.supported("avx512") and kernels.isa_flags("avx512") == [(*kernels.FLAGS, *emulated.AVX512)]
+    flags |= {"avx512_vnni", "avx512_bf16"}  # Sapphire Rapids, Zen 4: those too, and without them for old compilers
+    assert kernels.isa_flags("avx512") == [(*kernels.FLAGS, *emulated.AVX512, "-mavx512vnni", "-mavx512bf16"),
+                                           (*kernels.FLAGS, *emulated.AVX512)]
     monkeypatch.setenv("KATARU_KERNEL_ISA", "avx2")
     assert not kernels.supported("avx512") and kernels.supported("avx2")
     monkeypatch.delenv("KATARU_KERNEL_ISA")
@@ -217,3 +252,19 @@ def test_a_compiler_without_avx512_leaves_the_avx2_build(monkeypatch: pytest.Mon
     assert torch.equal(layer(x), kernels.linear_half(x, layer.weight, layer.bias))
     assert os.listdir(tmp_path / "cache" / "kernels") and all(
         name.endswith(".so") for name in os.listdir(tmp_path / "cache" / "kernels"))  # no temp files left
+
+
+def test_a_compiler_without_bf16_builds_avx512_without_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An older compiler that knows AVX-512 but not -mavx512bf16 still builds the AVX-512 build, without BF16."""
+    cc = tmp_path / "cc"
+    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512bf16*) echo 'unknown -mavx512bf16' >&2; exit 1;; esac\n"
+                  f"exec {shutil.which('cc')} \"$@\"\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("KATARU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
+    full, plain = kernels.isa_flags("avx512")
+    assert "-mavx512bf16" in full
+    built = kernels.build_any([full, plain])
+    assert built == kernels.build(flags=plain) and built.exists()  # the second set, already in the cache
+    assert os.listdir(tmp_path / "cache" / "kernels") == [built.name]

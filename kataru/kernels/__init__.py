@@ -11,7 +11,8 @@ with integer dot products, as llama.cpp does. It is built once per source versio
 also a torch operator (`torch.ops.kataru.*`) that a torch.compile'd decode step calls from its graph.
 
 Where the CPU has AVX-512 (F, BW, VL, DQ, as cpuid reports and the OS enables), the matmuls are built a second
-time with it (and with VNNI's vpdpbusd where the CPU has that too): the "kernel-avx512" path beside the AVX2
+time with it (and with VNNI's vpdpbusd and AVX512-BF16's vdpbf16ps where the CPU has those too): the
+"kernel-avx512" path beside the AVX2
 "kernel" one, which `kataru.dispatch` times against each other and torch's paths. A compiler that cannot build
 the AVX-512 variant, or `KATARU_KERNEL_ISA=avx2`, leaves the AVX2 build: never an error.
 """
@@ -81,11 +82,26 @@ def supported(isa: str = "avx2") -> bool:
             and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
 
 
-def isa_flags(isa: str) -> tuple[str, ...]:
-    """The compiler flags of a build: AVX2's, and for "avx512" AVX-512's plus VNNI where the CPU has it."""
+OPTIONAL = {"avx512_vnni": "-mavx512vnni", "avx512_bf16": "-mavx512bf16"}  # CPU flag: compiler flag
+
+
+def isa_flags(isa: str) -> list[tuple[str, ...]]:
+    """The compiler flags to try for a build, best first: AVX2's; for "avx512" AVX-512's plus VNNI and BF16
+    where the CPU has them, then without those (a compiler too old for them still builds the rest)."""
     if isa == "avx2":
-        return FLAGS
-    return (*FLAGS, *AVX512, *(("-mavx512vnni",) if "avx512_vnni" in cpu_flags() else ()))
+        return [FLAGS]
+    extra = tuple(flag for cpu, flag in OPTIONAL.items() if cpu in cpu_flags())
+    return [(*FLAGS, *AVX512, *extra)] + ([(*FLAGS, *AVX512)] if extra else [])
+
+
+def build_any(flag_sets: list[tuple[str, ...]]) -> Path:
+    """The library of the first flag set the compiler accepts."""
+    for flags in flag_sets[:-1]:
+        try:
+            return build(flags=flags)
+        except (RuntimeError, subprocess.SubprocessError):
+            continue
+    return build(flags=flag_sets[-1])
 
 
 def build(sources: tuple[Path, ...] = SOURCES, flags: tuple[str, ...] = FLAGS) -> Path:
@@ -121,7 +137,7 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
         lib = None
         if supported(isa):
             try:
-                lib = ctypes.CDLL(str(build(flags=isa_flags(isa))))
+                lib = ctypes.CDLL(str(build_any(isa_flags(isa))))
                 pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 flag = ctypes.c_int
                 lib.kataru_linear_bf16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]

@@ -23,11 +23,13 @@
  * Every output element is summed in the same order whatever the batch size, the blocking or the thread,
  * and each input row is quantized on its own, so a sequence decodes to the same bits alone or batched.
  *
- * Built a second time with AVX-512 (F, BW, VL, DQ; VNNI where the CPU has it: kataru.kernels picks the build
- * by cpuid), the hot loops take 512-bit vectors: bf16 and fp16 weights 16 at a time, and the tiled int8 and
- * 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
- * vpmaddubsw + vpmaddwd). Integer sums are exact, so the tiled kernels give the AVX2 build's bits; the float
- * kernels sum in another order (still the same order for every batch size).
+ * Built a second time with AVX-512 (F, BW, VL, DQ; VNNI and BF16 where the CPU has them: kataru.kernels picks
+ * the build by cpuid), the hot loops take 512-bit vectors: bf16 and fp16 weights 16 at a time, and the tiled
+ * int8 and 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
+ * vpmaddubsw + vpmaddwd). With AVX512-BF16, bf16 weights meet the input rows rounded to bf16, 32 at a time by
+ * vdpbf16ps (no widening: two products per lane and instruction). Integer sums are exact, so the tiled
+ * kernels give the AVX2 build's bits; the float kernels sum in another order (still the same order for every
+ * batch size).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -62,6 +64,30 @@ static inline __m256i fold(__m512i v) {
 static inline __m512 load16(const uint16_t *w, int64_t i, int f16) {
     __m256i h = _mm256_loadu_si256((const __m256i *)(w + i));
     return f16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+#ifdef __AVX512BF16__
+/* The n input values rounded to bf16 (to nearest even, as torch rounds), for vdpbf16ps (*h) and as float32
+ * for the rest of a row (returned), in per-thread buffers grown on demand. */
+static __thread uint16_t *scratch_h;
+static __thread float *scratch_r;
+static __thread int64_t scratch_h_cap;
+
+static const float *bf16_rows(const float *x, int64_t n, const uint16_t **h) {
+    if (n > scratch_h_cap) {
+        free(scratch_h);
+        free(scratch_r);
+        scratch_h_cap = n;
+        scratch_h = malloc(n * sizeof(uint16_t));
+        scratch_r = malloc(n * sizeof(float));
+    }
+    for (int64_t i = 0; i < n; i++) {
+        scratch_h[i] = float_to_bf16(x[i]);
+        scratch_r[i] = bf16_to_float(scratch_h[i]);
+    }
+    *h = scratch_h;
+    return scratch_r;
 }
 #endif
 
@@ -133,10 +159,12 @@ static Quantized quantize_rows(const float *x, int64_t M, int64_t K, int threads
 }
 
 /* R weight rows from n against M input rows (M, R, kind constants after inlining; M * R <= 8 accumulators).
- * bf16 and fp16: x float32. int8: sm the rows' float32 scales. */
-static inline __attribute__((always_inline)) void block(const float *x, Quantized in, const void *w,
-                                                        const void *sm, float *y, int64_t K, int64_t N, int64_t n,
-                                                        const int M, const int R, const int kind) {
+ * bf16 and fp16: x float32 (with AVX512-BF16, bf16 weights meet xh, the same rows in bf16, by vdpbf16ps).
+ * int8: sm the rows' float32 scales. */
+static inline __attribute__((always_inline)) void block(const float *x, const uint16_t *xh, Quantized in,
+                                                        const void *w, const void *sm, float *y, int64_t K, int64_t N,
+                                                        int64_t n, const int M, const int R, const int kind) {
+    (void)xh; /* read by the AVX512-BF16 build only */
     __m256 acc[4][4];
     float extra[4][4]; /* the tail of a row past the last full vector or block */
     for (int r = 0; r < R; r++)
@@ -151,6 +179,21 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
         __m512 wide[4][4];
         for (int r = 0; r < R; r++)
             for (int m = 0; m < M; m++) wide[r][m] = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
+        /* 32 weights per row and step: each lane adds the two products of its pair of bf16 values (exact in
+         * float32) to its sum */
+        for (; kind == BF16 && k + 32 <= K; k += 32) {
+            __m512i wv[4];
+            for (int r = 0; r < R; r++) {
+                wv[r] = _mm512_loadu_si512((const void *)(wb + (n + r) * K + k));
+                _mm_prefetch((const char *)(wb + (n + r + R) * K + k), _MM_HINT_T0);
+            }
+            for (int m = 0; m < M; m++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xh + m * K + k));
+                for (int r = 0; r < R; r++) wide[r][m] = _mm512_dpbf16_ps(wide[r][m], (__m512bh)wv[r], xv);
+            }
+        }
+#endif
         for (; k + 16 <= K; k += 16) {
             __m512 wv[4];
             for (int r = 0; r < R; r++) wv[r] = load16(wb, (n + r) * K + k, kind == F16);
@@ -222,10 +265,10 @@ static inline __attribute__((always_inline)) void block(const float *x, Quantize
 
 /* m <= 4 input rows against weight rows [n, n + R): one input row takes four weight rows at a time (four
  * independent chains), more input rows take two (their own chains are independent already) */
-static inline __attribute__((always_inline)) void rows(const float *x, Quantized in, const void *w, const void *sm,
-                                                       float *y, int64_t K, int64_t N, int64_t n, int m, int R,
-                                                       const int kind) {
-#define B(M_, R_) block(x, in, w, sm, y, K, N, n, M_, R_, kind)
+static inline __attribute__((always_inline)) void rows(const float *x, const uint16_t *xh, Quantized in,
+                                                       const void *w, const void *sm, float *y, int64_t K, int64_t N,
+                                                       int64_t n, int m, int R, const int kind) {
+#define B(M_, R_) block(x, xh, in, w, sm, y, K, N, n, M_, R_, kind)
     if (R == 4) {
         B(1, 4);
     } else if (R == 2) {
@@ -251,6 +294,10 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
                                                          const int kind) {
     Quantized in = {0, 0, 0, 0, 0};
     if (!FLOAT_WEIGHTS(kind)) in = quantize_rows(x, M, K, threads);
+    const uint16_t *xh = 0;
+#ifdef __AVX512BF16__
+    if (kind == BF16) x = bf16_rows(x, M * K, &xh); /* every product of a row then takes x rounded to bf16 */
+#endif
     #pragma omp parallel num_threads(threads)
     {
         int64_t n0, n1;
@@ -263,7 +310,8 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
                 if (!FLOAT_WEIGHTS(kind))
                     part = (Quantized){in.q + m0 * K, in.u + m0 * K, in.d + m0 * in.blocks, in.sums + m0 * in.blocks,
                                        in.blocks};
-                rows(x + m0 * K, part, w, sm, y + m0 * N, K, N, n, M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
+                rows(x + m0 * K, xh ? xh + m0 * K : 0, part, w, sm, y + m0 * N, K, N, n,
+                     M - m0 < 4 ? (int)(M - m0) : 4, R, kind);
             }
             n += R;
         }

@@ -6,8 +6,8 @@ kernel source is compiled with the AVX-512 flags into a static program with no C
 it malloc and two libm functions; `__thread` becomes plain static, OpenMP pragmas are ignored: one thread),
 its segments are mapped into the emulator's memory, and an exported function is called with the System V
 calling convention; it returns into a `hlt`, which ring 3 turns into the #GP that ends the run. The VNNI
-build runs too: each of its `vpdpbusd` (which the emulated CPU refuses with #UD) is done in Python on the
-stopped CPU's registers, and the run resumes after it.
+and AVX512-BF16 builds run too: each of their `vpdpbusd` and `vdpbf16ps` (which the emulated CPU refuses with
+#UD) is done in Python on the stopped CPU's registers, and the run resumes after it.
 
 bochscpu-python's wheel names two glibc 2.38 functions (`__isoc23_sscanf`, `__isoc23_strtoull`); on an older
 glibc a two-line shim, compiled here, maps them to the classic ones before the module loads.
@@ -73,6 +73,31 @@ def build(target: Path, flags: tuple[str, ...] = AVX512) -> Path:
     return target
 
 
+def dpbusd(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """vpdpbusd on 64 bytes each: every 32-bit lane of acc plus the four products of a's unsigned and b's
+    signed bytes, wrapping (no saturation); as uint64 words."""
+    products = a.to(torch.int64) * b.view(torch.int8).to(torch.int64)
+    total = acc.view(torch.int32).to(torch.int64) + products.reshape(16, 4).sum(1)
+    return ((total + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.uint64)
+
+
+def dpbf16ps(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """vdpbf16ps on 64 bytes each: every float32 lane of acc plus the product of its odd pair of bf16 values,
+    rounded to nearest even, then plus the even pair's product, rounded again; bf16 subnormal inputs read as
+    zero and subnormal results are flushed to zero (the manual's DAZ, FTZ and RNE, whatever MXCSR says)."""
+
+    def flushed(x: Tensor) -> Tensor:
+        return torch.where(x.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(x), x)
+
+    x = flushed(a.view(torch.bfloat16).float()).reshape(16, 2)  # products of two bf16 values are exact in float32
+    y = flushed(b.view(torch.bfloat16).float()).reshape(16, 2)
+    total = flushed(acc.view(torch.float32) + x[:, 1] * y[:, 1])
+    return flushed(total + x[:, 0] * y[:, 0]).view(torch.uint64)
+
+
+LACKING = {(1, 0x50): "vpdpbusd", (2, 0x52): "vdpbf16ps"}  # (EVEX pp: 66 / F3, opcode in 0F38)
+
+
 class Machine:
     """One emulated CPU with the program's segments, a stack and a data area mapped; `call` runs a function."""
 
@@ -96,7 +121,7 @@ class Machine:
         self._map(HALT, PAGE)
         self.free = DATA
         self.pml4 = 0x100000
-        self.dpbusd_done = 0  # vpdpbusd instructions done by `_dpbusd`
+        self.done: dict[str, int] = {}  # the instructions `_lacking` did, by name
 
     def _map(self, address: int, size: int) -> None:
         for page in range(address & ~(PAGE - 1), address + size, PAGE):
@@ -134,11 +159,11 @@ class Machine:
         data = self.read(address, like.numel() * like.element_size())
         return torch.frombuffer(bytearray(data), dtype=like.dtype).reshape(like.shape).clone()
 
-    def call(self, name: str, *args: int, count: bool = False, vnni: bool = False) -> int:
+    def call(self, name: str, *args: int, count: bool = False, lacking: bool = False) -> int:
         """Run `name(*args)` (integers and pointers) to its return; with `count`, return the number of
-        instructions it executed (a Python callback per instruction: slow), else 0. With `vnni`, each
-        register-form vpdpbusd, which the emulated CPU lacks, stops the run, is done here (`dpbusd`) and the run
-        goes on after it."""
+        instructions it executed (a Python callback per instruction: slow), else 0. With `lacking`, each
+        vpdpbusd (VNNI) or vdpbf16ps (AVX512-BF16), which the emulated CPU lacks, stops the run, is done here
+        (`_lacking`) and the run goes on after it."""
         bx = self.bx
         self._commit()
         state = bx.State()
@@ -172,7 +197,7 @@ class Machine:
             hook.after_execution = lambda s, cpu, instruction: executed.__setitem__(0, executed[0] + 1)
         session.run([hook])
         vector, rip = fault[0] if fault else (None, 0)
-        while vnni and vector == 6 and self._dpbusd(session, rip):
+        while lacking and vector == 6 and self._lacking(session, rip):
             fault.clear()
             session.run([hook])
             vector, rip = fault[0] if fault else (None, 0)
@@ -180,15 +205,15 @@ class Machine:
             raise RuntimeError(f"{name}: CPU exception {vector} at {rip:#x} (6: an instruction this CPU lacks)")
         return executed[0]
 
-    def _dpbusd(self, session: Any, end: int) -> bool:
-        """Do the `vpdpbusd zmm, zmm, zmm` that ends at `end` (Bochs reports a #UD after the instruction) on the
-        stopped CPU's registers as Intel's manual defines it: each 32-bit lane of the destination plus the four
-        products of the first source's unsigned bytes and the second's signed bytes (no saturation); then
-        resume after it. False when the bytes there are not that instruction."""
+    def _lacking(self, session: Any, end: int) -> bool:
+        """Do the register-form `vpdpbusd` or `vdpbf16ps` (512-bit, no mask) that ends at `end` (Bochs reports a
+        #UD after the instruction) on the stopped CPU's registers, as Intel's manual defines it, and resume
+        after it. False when the bytes there are neither."""
         code = self.read(end - 6, 6)
         p0, p1, p2, opcode, modrm = code[1], code[2], code[3], code[4], code[5]
-        if not (code[0] == 0x62 and opcode == 0x50 and p0 & 0b11 == 2 and p1 & 0b10000111 == 0b101
-                and p2 & 0b11110111 == 0b01000000 and modrm >> 6 == 3):  # 0F38, 66, W0, 512-bit, no mask
+        name = LACKING.get((p1 & 0b11, opcode))
+        if not (name and code[0] == 0x62 and p0 & 0b11 == 2 and p1 & 0b10000100 == 0b100
+                and p2 & 0b11110111 == 0b01000000 and modrm >> 6 == 3):  # 0F38, W0, 512-bit, no mask, registers
             return False
         inverted = lambda byte, bit: 1 - (byte >> bit & 1)  # noqa: E731 (EVEX stores these bits inverted)
         dest = (modrm >> 3 & 7) + 8 * inverted(p0, 7) + 16 * inverted(p0, 4)
@@ -196,17 +221,14 @@ class Machine:
         second = (modrm & 7) + 8 * inverted(p0, 5) + 16 * inverted(p0, 6)
         state = session.cpu.state
         zmm = state.zmm
-        lanes = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first, second)}
-        products = lanes[first].to(torch.int64) * lanes[second].view(torch.int8).to(torch.int64)
-        total = lanes[dest].view(torch.int32).to(torch.int64) + products.reshape(16, 4).sum(1)
-        result = ((total + 2**31) % 2**32 - 2**31).to(torch.int32)  # wraps as the instruction does
+        raw = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first, second)}
         register = zmm[dest]
-        register.q = result.view(torch.uint64).tolist()
+        register.q = (dpbusd if name == "vpdpbusd" else dpbf16ps)(raw[dest], raw[first], raw[second]).tolist()
         zmm[dest] = register
         state.zmm = zmm
         state.rip = end
         session.cpu.state = state
-        self.dpbusd_done += 1
+        self.done[name] = self.done.get(name, 0) + 1
         return True
 
     @staticmethod
