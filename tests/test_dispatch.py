@@ -226,9 +226,13 @@ def test_bench_runs_with_the_plan_and_prints_it(monkeypatch: pytest.MonkeyPatch,
     assert all(row["runs"] in row["ms"] for row in plan["plan"])
     text = format_plan(plan)
     assert "bf16" in text and "int4-bf16" in text and "candidates" in text
+    assert f"kernel builds here: {', '.join(kernels.isas()) or 'none'}" in text
     assert main(["bench", "tiny", "--dtype", "bfloat16", "--plan", "--json"]) in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["plan"] and printed["cpu"]["torch_capability"]
+    assert printed["cpu"]["kernel_builds"] == kernels.isas()  # ["avx2"] here, ["avx2", "avx512"] on AVX-512
+    paths = {path for row in printed["plan"] for path in row["ms"]}
+    assert ("kernel-avx512" in paths) == ("avx512" in kernels.isas())  # a candidate exactly where it runs
 
 
 def test_attention_and_norm_of_a_decode_step_follow_their_plans(checkpoints: dict,
