@@ -416,10 +416,10 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
             _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
             __m512i raw = _mm512_loadu_si512((const void *)p);
             for (int m = 0; m < M; m++) {
-                __m512i a = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(
-                                                                _mm_loadl_epi64((const __m128i *)(in.q + m * K + step * 4))));
-                __m512i u = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(
-                                                                _mm_loadl_epi64((const __m128i *)(in.u + m * K + step * 4))));
+                __m128i a8 = _mm_loadl_epi64((const __m128i *)(in.q + m * K + step * 4));
+                __m128i u8 = _mm_loadl_epi64((const __m128i *)(in.u + m * K + step * 4));
+                __m512i a = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(a8));
+                __m512i u = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(u8));
                 __m512i signed_w = _mm512_mask_sub_epi8(raw, _mm512_movepi8_mask(a), _mm512_setzero_si512(), raw);
                 wide[m] = dot4(wide[m], u, signed_w);
             }
