@@ -99,7 +99,9 @@ LACKING = {(1, 0x50): "vpdpbusd", (2, 0x52): "vdpbf16ps"}  # (EVEX pp: 66 / F3, 
 
 
 class Machine:
-    """One emulated CPU with the program's segments, a stack and a data area mapped; `call` runs a function."""
+    """One emulated CPU with the program's segments, a stack and a data area mapped; `call` runs a function.
+    bochscpu's guest memory is global to the process: use one Machine at a time (a new one maps its own pages
+    over the last one's)."""
 
     def __init__(self, program: Path) -> None:
         self.bx = bochscpu()
