@@ -26,7 +26,7 @@
  * Built a second time with AVX-512 (F, BW, VL, DQ; VNNI and BF16 where the CPU has them: kataru.kernels picks
  * the build by cpuid), the hot loops take 512-bit vectors: bf16 and fp16 weights 16 at a time, and the tiled
  * int8 and 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
- * vpmaddubsw + vpmaddwd). With AVX512-BF16, bf16 weights meet the input rows rounded to bf16, 32 at a time by
+ * vpmaddubsw + vpmaddwd; int8 with VNNI meets x + 128 and subtracts the weights' sums). With AVX512-BF16, bf16 weights meet the input rows rounded to bf16, 32 at a time by
  * vdpbf16ps (no widening: two products per lane and instruction). Integer sums are exact, so the tiled
  * kernels give the AVX2 build's bits; the float kernels sum in another order (still the same order for every
  * batch size).
@@ -404,17 +404,33 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
     for (int64_t b = 0; b < in.blocks; b++) {
         __m256i s32[4];
 #ifdef __AVX512BW__
-        /* two steps per 64-byte load (lanes 0-7 step s, 8-15 step s + 1); AVX-512 has no vpsignb, so the
-         * weights take x's signs by a masked negation */
+        /* two steps per 64-byte load (lanes 0-7 step s, 8-15 step s + 1). With VNNI, whose vpdpbusd sums in
+         * int32 (no int16 pairs to overflow), x + 128 (x with its sign bit flipped) meets the signed weights
+         * and 128 times the weights' own sums (a vpdpbusd against ones, shared by every row) comes off at the
+         * end of the block. Without it, as AVX-512 has no vpsignb, the weights take x's signs by a masked
+         * negation and meet |x|. */
         const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         __m512i wide[4];
         (void)ones;
         for (int m = 0; m < M; m++) wide[m] = _mm512_setzero_si512();
+#ifdef __AVX512VNNI__
+        const __m128i flip = _mm_set1_epi8((char)0x80);
+        const __m512i one_bytes = _mm512_set1_epi8(1);
+        __m512i weight_sums = _mm512_setzero_si512();
+#endif
         for (int s = 0; s < QB / 4; s += 2) {
             int64_t step = b * (QB / 4) + s;
             const int8_t *p = wt + step * 32;
             _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
             __m512i raw = _mm512_loadu_si512((const void *)p);
+#ifdef __AVX512VNNI__
+            weight_sums = dot4(weight_sums, one_bytes, raw);
+            for (int m = 0; m < M; m++) {
+                __m128i a8 = _mm_loadl_epi64((const __m128i *)(in.q + m * K + step * 4));
+                __m512i biased = _mm512_permutexvar_epi32(pick, _mm512_castsi128_si512(_mm_xor_si128(a8, flip)));
+                wide[m] = dot4(wide[m], biased, raw);
+            }
+#else
             for (int m = 0; m < M; m++) {
                 __m128i a8 = _mm_loadl_epi64((const __m128i *)(in.q + m * K + step * 4));
                 __m128i u8 = _mm_loadl_epi64((const __m128i *)(in.u + m * K + step * 4));
@@ -423,7 +439,11 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
                 __m512i signed_w = _mm512_mask_sub_epi8(raw, _mm512_movepi8_mask(a), _mm512_setzero_si512(), raw);
                 wide[m] = dot4(wide[m], u, signed_w);
             }
+#endif
         }
+#ifdef __AVX512VNNI__
+        for (int m = 0; m < M; m++) wide[m] = _mm512_sub_epi32(wide[m], _mm512_slli_epi32(weight_sums, 7));
+#endif
         for (int m = 0; m < M; m++) s32[m] = fold(wide[m]);
 #else
         for (int m = 0; m < M; m++) s32[m] = _mm256_setzero_si256();

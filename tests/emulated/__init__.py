@@ -7,7 +7,8 @@ it malloc and two libm functions; `__thread` becomes plain static, OpenMP pragma
 its segments are mapped into the emulator's memory, and an exported function is called with the System V
 calling convention; it returns into a `hlt`, which ring 3 turns into the #GP that ends the run. The VNNI
 and AVX512-BF16 builds run too: each of their `vpdpbusd` and `vdpbf16ps` (which the emulated CPU refuses with
-#UD) is done in Python on the stopped CPU's registers, and the run resumes after it.
+#UD) is decoded (EVEX, a register or memory operand), done in Python on the stopped CPU's registers and
+memory, and the run resumes after it.
 
 bochscpu-python's wheel names two glibc 2.38 functions (`__isoc23_sscanf`, `__isoc23_strtoull`); on an older
 glibc a two-line shim, compiled here, maps them to the classic ones before the module loads.
@@ -208,30 +209,71 @@ class Machine:
         return executed[0]
 
     def _lacking(self, session: Any, end: int) -> bool:
-        """Do the register-form `vpdpbusd` or `vdpbf16ps` (512-bit, no mask) that ends at `end` (Bochs reports a
-        #UD after the instruction) on the stopped CPU's registers, as Intel's manual defines it, and resume
-        after it. False when the bytes there are neither."""
-        code = self.read(end - 6, 6)
-        p0, p1, p2, opcode, modrm = code[1], code[2], code[3], code[4], code[5]
-        name = LACKING.get((p1 & 0b11, opcode))
-        if not (name and code[0] == 0x62 and p0 & 0b11 == 2 and p1 & 0b10000100 == 0b100
-                and p2 & 0b11110111 == 0b01000000 and modrm >> 6 == 3):  # 0F38, W0, 512-bit, no mask, registers
-            return False
-        inverted = lambda byte, bit: 1 - (byte >> bit & 1)  # noqa: E731 (EVEX stores these bits inverted)
-        dest = (modrm >> 3 & 7) + 8 * inverted(p0, 7) + 16 * inverted(p0, 4)
-        first = (~p1 >> 3 & 15) + 16 * inverted(p2, 3)
-        second = (modrm & 7) + 8 * inverted(p0, 5) + 16 * inverted(p0, 6)
+        """Do the `vpdpbusd` or `vdpbf16ps` (512-bit, no mask; its second source a register or memory) that ends
+        at `end` (Bochs reports a #UD after the instruction) on the stopped CPU's registers, as Intel's manual
+        defines it, and resume after it. False when the bytes there are neither."""
         state = session.cpu.state
+        decoded = next(filter(None, (self._decode(state, end - size, end) for size in range(6, 16))), None)
+        if decoded is None:
+            return False
+        name, dest, first, second = decoded
         zmm = state.zmm
-        raw = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first, second)}
+        raw = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first)}
         register = zmm[dest]
-        register.q = (dpbusd if name == "vpdpbusd" else dpbf16ps)(raw[dest], raw[first], raw[second]).tolist()
+        register.q = (dpbusd if name == "vpdpbusd" else dpbf16ps)(raw[dest], raw[first], second).tolist()
         zmm[dest] = register
         state.zmm = zmm
         state.rip = end
         session.cpu.state = state
         self.done[name] = self.done.get(name, 0) + 1
         return True
+
+    def _decode(self, state: Any, start: int, end: int) -> tuple[str, int, int, Tensor] | None:
+        """(name, destination, first source, the second source's 64 bytes) of the instruction at [start, end),
+        when it is one `_lacking` does; else None."""
+        code = self.read(start, end - start)
+        if len(code) < 6 or code[0] != 0x62:
+            return None
+        p0, p1, p2, opcode, modrm = code[1], code[2], code[3], code[4], code[5]
+        name = LACKING.get((p1 & 0b11, opcode))
+        if not (name and p0 & 0b11 == 2 and p1 & 0b10000100 == 0b100 and p2 & 0b11100111 == 0b01000000):
+            return None  # 0F38, W0, 512-bit, no mask (EVEX.b: a broadcast, below)
+        inverted = lambda byte, bit: 1 - (byte >> bit & 1)  # noqa: E731 (EVEX stores these bits inverted)
+        dest = (modrm >> 3 & 7) + 8 * inverted(p0, 7) + 16 * inverted(p0, 4)
+        first = (~p1 >> 3 & 15) + 16 * inverted(p2, 3)
+        mod, rm, broadcast = modrm >> 6, modrm & 7, bool(p2 >> 4 & 1)
+        if mod == 3:
+            if broadcast or len(code) != 6:
+                return None
+            second = rm + 8 * inverted(p0, 5) + 16 * inverted(p0, 6)
+            return name, dest, first, torch.tensor(state.zmm[second].q, dtype=torch.uint64).view(torch.uint8)
+        gpr = [state.rax, state.rcx, state.rdx, state.rbx, state.rsp, state.rbp, state.rsi, state.rdi, state.r8,
+               state.r9, state.r10, state.r11, state.r12, state.r13, state.r14, state.r15]
+        at, address = 6, 0
+        if rm == 4:  # a SIB byte: base + index * scale
+            sib = code[6]
+            at = 7
+            index = (sib >> 3 & 7) + 8 * inverted(p0, 6)
+            if index != 4:
+                address += gpr[index] << (sib >> 6)
+            base = (sib & 7) + 8 * inverted(p0, 5)
+            if not (sib & 7 == 5 and mod == 0):
+                address += gpr[base]
+        elif mod == 0 and rm == 5:
+            address = end  # RIP-relative
+        else:
+            address = gpr[rm + 8 * inverted(p0, 5)]
+        if mod == 1:  # disp8, scaled by the operand's size (EVEX's compressed displacement)
+            address += struct.unpack_from("<b", code, at)[0] * (4 if broadcast else 64)
+            at += 1
+        elif mod == 2 or (mod == 0 and (rm == 5 or (rm == 4 and code[6] & 7 == 5))):
+            address += struct.unpack_from("<i", code, at)[0]
+            at += 4
+        if at != len(code):
+            return None
+        address &= 2**64 - 1
+        data = self.read(address, 4) * 16 if broadcast else self.read(address, 64)
+        return name, dest, first, torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     @staticmethod
     def _missing(address: int) -> None:
