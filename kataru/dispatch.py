@@ -194,15 +194,8 @@ def plan_key(layer: Planned) -> str:
 # --- measuring ---------------------------------------------------------------------------------------------
 def cpu() -> dict[str, Any]:
     """What kataru knows of this CPU: its name, cores, torch's SIMD level and the instruction sets that matter."""
-    name, flags = platform.processor() or platform.machine(), kernels.cpu_flags()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-                break
-    except OSError:
-        pass
+    name = kernels.cpuinfo().get("model name") or platform.processor() or platform.machine()
+    flags = kernels.cpu_flags()
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
               "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve", "sve2")
     return {"model": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),

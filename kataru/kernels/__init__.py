@@ -58,16 +58,24 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (those the OS has enabled); empty elsewhere."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo (model name, flags, ...); empty elsewhere."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
             key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return frozenset(value.split())
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (those the OS has enabled); empty elsewhere."""
+    info = cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def supported(isa: str = "avx2") -> bool:
