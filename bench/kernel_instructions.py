@@ -46,10 +46,8 @@ def operands(kind: str, rows: int, n: int, k: int) -> tuple[str, list[torch.Tens
 def count(program: Path, kind: str, rows: int, n: int, k: int) -> int:
     name, tensors, sizes = operands(kind, rows, n, k)
     machine = emulated.Machine(program)
-    pointers = [machine.put(t) for t in tensors]
-    y = machine.put(torch.empty(rows, n))
-    executed = machine.call(name, *pointers, 0, y, *sizes, 0, 1, count=True, lacking=True)
-    return executed + sum(machine.done.values())  # vpdpbusd and vdpbf16ps, done outside the emulator
+    machine.linear(name, tensors, sizes, torch.empty(rows, n), count=True, lacking=True)
+    return machine.executed + sum(machine.done.values())  # vpdpbusd and vdpbf16ps, done outside the emulator
 
 
 def main() -> None:
@@ -60,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
     builds = {"AVX2": emulated.build(folder / "avx2", ()), "AVX-512": emulated.build(folder / "avx512"),
-              "+VNNI+BF16": emulated.build(folder / "full", (*emulated.AVX512, "-mavx512vnni", "-mavx512bf16"))}
+              "+VNNI+BF16": emulated.build(folder / "full", (*kernels.AVX512, "-mavx512vnni", "-mavx512bf16"))}
     n, k = args.out, args.inner
     print(f"instructions per weight, {n}x{k} weights, one thread, emulated Cannon Lake (AVX-512 F/BW/VL/DQ; "
           "VNNI's and BF16's dot products done outside the emulator, one instruction each)\n")

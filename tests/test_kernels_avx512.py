@@ -47,11 +47,7 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_emulated(program: Path, name: str, tensors: list[torch.Tensor], sizes: list[int], out: torch.Tensor
                  ) -> torch.Tensor:
     """`name(*tensors, 0 (no bias), out, *sizes, float32 activations, one thread)` on a fresh emulated CPU."""
-    machine = emulated.Machine(program)
-    pointers = [machine.put(t) for t in tensors]
-    y = machine.put(out)
-    machine.call(name, *pointers, 0, y, *sizes, 0, 1)
-    return machine.get(y, out)
+    return emulated.Machine(program).linear(name, tensors, sizes, out)
 
 
 def rows_of(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -109,7 +105,7 @@ def test_16_bit_weights_within_float32_sums_and_batch_invariant(program: Path, k
 
 @pytest.fixture(scope="module")
 def vnni_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return emulated.build(tmp_path_factory.mktemp("vnni") / "linear-vnni", (*emulated.AVX512, "-mavx512vnni"))
+    return emulated.build(tmp_path_factory.mktemp("vnni") / "linear-vnni", (*kernels.AVX512, "-mavx512vnni"))
 
 
 def int_operands(kind: str, rows: int) -> tuple[str, list[torch.Tensor], list[int], torch.Tensor]:
@@ -134,10 +130,8 @@ def test_the_emulated_cpu_refuses_what_it_lacks(vnni_program: Path) -> None:
     the emulator checks instruction sets (a pass above means the AVX-512 code really ran) and that the VNNI
     build really uses them."""
     name, tensors, sizes, _ = int_operands("int4", 1)
-    machine = emulated.Machine(vnni_program)
-    pointers = [machine.put(t) for t in tensors]
     with pytest.raises(RuntimeError, match="CPU exception 6"):
-        machine.call(name, *pointers, 0, machine.put(torch.empty(1, 64)), *sizes, 0, 1)
+        run_emulated(vnni_program, name, tensors, sizes, torch.empty(1, 64))
 
 
 @needs_emulator
@@ -146,23 +140,21 @@ def test_the_emulated_cpu_refuses_what_it_lacks(vnni_program: Path) -> None:
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_the_vnni_build_gives_the_avx2_bits(vnni_program: Path, kind: str, rows: int) -> None:
     """The VNNI build on the emulated CPU, each vpdpbusd done by the test as Intel's manual defines it
-    (`Machine._dpbusd`; the rest of the build runs on the emulated CPU)."""
+    (`Machine._lacking`; the rest of the build runs on the emulated CPU)."""
     name, tensors, sizes, expected = int_operands(kind, rows)
     machine = emulated.Machine(vnni_program)
-    pointers = [machine.put(t) for t in tensors]
-    y = machine.put(torch.empty(rows, 64))
-    machine.call(name, *pointers, 0, y, *sizes, 0, 1, lacking=True)
+    got = machine.linear(name, tensors, sizes, torch.empty(rows, 64), lacking=True)
     products = rows * 64 * 256 // 64  # every multiply-add in one, 64 per instruction
     weight_sums = 0 if kind == "int4" else 64 * 256 // 64 * -(-rows // 4)  # int8: per group of 4 rows, x + 128
     assert machine.done == {"vpdpbusd": products + weight_sums}
-    assert torch.equal(machine.get(y, expected), expected)
+    assert torch.equal(got, expected)
 
 
 @pytest.fixture(scope="module")
 def bf16_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The build a CPU with AVX512-BF16 gets (Sapphire Rapids, Zen 4): VNNI and BF16 too."""
     return emulated.build(tmp_path_factory.mktemp("bf16") / "linear-bf16",
-                          (*emulated.AVX512, "-mavx512vnni", "-mavx512bf16"))
+                          (*kernels.AVX512, "-mavx512vnni", "-mavx512bf16"))
 
 
 @needs_emulator
@@ -174,21 +166,16 @@ def test_the_bf16_build_sums_x_rounded_to_bf16_by_vdpbf16ps(bf16_program: Path, 
     n, rows = 24, 5
     w, x = (rows_of(n, k, 1) * 0.1).bfloat16(), rows_of(rows, k, 2)
     machine = emulated.Machine(bf16_program)
-    pointers = [machine.put(t) for t in (x, w)]
-    y = machine.put(torch.empty(rows, n))
-    machine.call("kataru_linear_bf16", *pointers, 0, y, rows, k, n, 0, 1, lacking=True)
-    got = machine.get(y, torch.empty(rows, n)).double()
+    got = machine.linear("kataru_linear_bf16", [x, w], [rows, k, n], torch.empty(rows, n), lacking=True).double()
     assert machine.done.get("vdpbf16ps", 0) == rows * n * (k // 32)  # 32 multiply-adds per instruction
     xr = x.bfloat16().double()
     exact = xr @ w.double().t()
     assert ((got - exact).abs() <= k * 2**-24 * (xr.abs() @ w.double().abs().t()) * 1.01).all()
     if k >= 32:  # not the float32 x: its products differ past bf16's precision
         assert not torch.allclose(got, x.double() @ w.double().t(), rtol=0, atol=k * 2**-24)
-    alone = emulated.Machine(bf16_program)
-    pointers = [alone.put(t) for t in (x[3:4], w)]
-    one = alone.put(torch.empty(1, n))
-    alone.call("kataru_linear_bf16", *pointers, 0, one, 1, k, n, 0, 1, lacking=True)
-    assert torch.equal(alone.get(one, torch.empty(1, n)).double(), got[3:4])
+    alone = emulated.Machine(bf16_program).linear("kataru_linear_bf16", [x[3:4], w], [1, k, n], torch.empty(1, n),
+                                                  lacking=True)
+    assert torch.equal(alone.double(), got[3:4])
 
 
 @pytest.mark.skipif(not kernels.available(isa="avx512"),
@@ -220,10 +207,10 @@ def test_the_build_is_chosen_by_cpuid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
-    assert kernels.supported("avx512") and kernels.isa_flags("avx512") == [(*kernels.FLAGS, *emulated.AVX512)]
+    avx512 = (*kernels.FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+    assert kernels.supported("avx512") and kernels.isa_flags("avx512") == [avx512]
     flags |= {"avx512_vnni", "avx512_bf16"}  # Sapphire Rapids, Zen 4: those too, and without them for old compilers
-    assert kernels.isa_flags("avx512") == [(*kernels.FLAGS, *emulated.AVX512, "-mavx512vnni", "-mavx512bf16"),
-                                           (*kernels.FLAGS, *emulated.AVX512)]
+    assert kernels.isa_flags("avx512") == [(*avx512, "-mavx512vnni", "-mavx512bf16"), avx512]
     monkeypatch.setenv("KATARU_KERNEL_ISA", "avx2")
     assert not kernels.supported("avx512") and kernels.supported("avx2")
     monkeypatch.delenv("KATARU_KERNEL_ISA")
@@ -234,15 +221,20 @@ def test_the_build_is_chosen_by_cpuid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not kernels.supported("avx512")
 
 
-@needs_avx2
-def test_a_compiler_without_avx512_leaves_the_avx2_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A missing instruction set is never an error: a compiler that rejects -mavx512f leaves "kernel"."""
+def compiler_refusing(flag: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$CC: the system's compiler, but an error for any command line with `flag`; the kernel cache empty."""
     cc = tmp_path / "cc"
-    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo 'unknown -mavx512f' >&2; exit 1;; esac\n"
+    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *{flag}*) echo 'unknown {flag}' >&2; exit 1;; esac\n"
                   f"exec {shutil.which('cc')} \"$@\"\n")
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("KATARU_CACHE", str(tmp_path / "cache"))
+
+
+@needs_avx2
+def test_a_compiler_without_avx512_leaves_the_avx2_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A missing instruction set is never an error: a compiler that rejects -mavx512f leaves "kernel"."""
+    compiler_refusing("-mavx512f", monkeypatch, tmp_path)
     monkeypatch.setattr(kernels, "_state", {"lib": {}, "off": dict.fromkeys(kernels.KINDS, 0), "stub": 0})
     supported = kernels.supported
     monkeypatch.setattr(kernels, "supported", lambda isa="avx2": True if isa == "avx512" else supported(isa))
@@ -258,12 +250,7 @@ def test_a_compiler_without_avx512_leaves_the_avx2_build(monkeypatch: pytest.Mon
 
 def test_a_compiler_without_bf16_builds_avx512_without_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An older compiler that knows AVX-512 but not -mavx512bf16 still builds the AVX-512 build, without BF16."""
-    cc = tmp_path / "cc"
-    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512bf16*) echo 'unknown -mavx512bf16' >&2; exit 1;; esac\n"
-                  f"exec {shutil.which('cc')} \"$@\"\n")
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("KATARU_CACHE", str(tmp_path / "cache"))
+    compiler_refusing("-mavx512bf16", monkeypatch, tmp_path)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
     full, plain = kernels.isa_flags("avx512")
     assert "-mavx512bf16" in full

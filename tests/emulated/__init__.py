@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kataru import kernels
+
 PAGE = 4096
 HERE = Path(__file__).parent
 KERNELS = HERE.parent.parent / "kataru" / "kernels"
@@ -40,7 +42,6 @@ SHIM = r"""
 int __isoc23_sscanf(const char *s, const char *f, ...) { va_list a; va_start(a, f); int r = vsscanf(s, f, a); va_end(a); return r; }
 unsigned long long __isoc23_strtoull(const char *s, char **e, int b) { return strtoull(s, e, b); }
 """
-AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 
 
 def bochscpu():  # type: ignore[no-untyped-def]
@@ -60,10 +61,8 @@ def bochscpu():  # type: ignore[no-untyped-def]
     return module
 
 
-def build(target: Path, flags: tuple[str, ...] = AVX512) -> Path:
+def build(target: Path, flags: tuple[str, ...] = kernels.AVX512) -> Path:
     """linear.c with `flags` as a static program for the emulator (the same flags kataru's build uses)."""
-    from kataru import kernels
-
     base = [f for f in kernels.FLAGS if f not in ("-fopenmp", "-fPIC", "-shared")]
     run = subprocess.run(["cc", *base, *flags, "-D__thread=", "-Wno-unknown-pragmas", "-fno-stack-protector",
                           "-fno-pie", "-no-pie", "-nostdlib", "-static", "-Wl,--build-id=none",
@@ -96,6 +95,11 @@ def dpbf16ps(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return flushed(total + x[:, 0] * y[:, 0]).view(torch.uint64)
 
 
+def as_bytes(register: Any) -> Tensor:
+    """A zmm register's 64 bytes (bochscpu gives its eight 64-bit words)."""
+    return torch.tensor(register.q, dtype=torch.uint64).view(torch.uint8)
+
+
 LACKING = {(1, 0x50): "vpdpbusd", (2, 0x52): "vdpbf16ps"}  # (EVEX pp: 66 / F3, opcode in 0F38)
 
 
@@ -110,6 +114,7 @@ class Machine:
         self.pages: dict[int, int] = {}
         self.table = self.bx.memory.PageMapLevel4Table()
         self.segments = []
+        self.committed = False
         phoff, = struct.unpack_from("<Q", blob, 0x20)
         size, count = struct.unpack_from("<HH", blob, 0x36)
         for i in range(count):
@@ -125,6 +130,7 @@ class Machine:
         self.free = DATA
         self.pml4 = 0x100000
         self.done: dict[str, int] = {}  # the instructions `_lacking` did, by name
+        self.executed = 0  # the instructions the last `linear` counted
 
     def _map(self, address: int, size: int) -> None:
         for page in range(address & ~(PAGE - 1), address + size, PAGE):
@@ -133,8 +139,13 @@ class Machine:
                 self.bx.memory.page_insert(page, host)
                 self.table.insert(page, page, 1)
                 self.pages[page] = host
+                self.committed = False
 
     def _commit(self) -> None:
+        """The page tables written out for the pages mapped so far (again only after new ones)."""
+        if self.committed:
+            return
+        self.committed = True
         for host, guest in self.table.commit(self.pml4):
             self.bx.memory.page_insert(guest, host)
         for vaddr, data in self.segments:
@@ -161,6 +172,14 @@ class Machine:
     def get(self, address: int, like: Tensor) -> Tensor:
         data = self.read(address, like.numel() * like.element_size())
         return torch.frombuffer(bytearray(data), dtype=like.dtype).reshape(like.shape).clone()
+
+    def linear(self, name: str, tensors: list[Tensor], sizes: list[int], out: Tensor, **options: bool) -> Tensor:
+        """kataru's `name(*tensors, no bias, out, *sizes, float32 activations, one thread)`: the output filled.
+        `options` go to `call`; the instructions it counted are in `executed`."""
+        pointers = [self.put(t) for t in tensors]
+        y = self.put(out)
+        self.executed = self.call(name, *pointers, 0, y, *sizes, 0, 1, **options)
+        return self.get(y, out)
 
     def call(self, name: str, *args: int, count: bool = False, lacking: bool = False) -> int:
         """Run `name(*args)` (integers and pointers) to its return; with `count`, return the number of
@@ -218,9 +237,9 @@ class Machine:
             return False
         name, dest, first, second = decoded
         zmm = state.zmm
-        raw = {r: torch.tensor(zmm[r].q, dtype=torch.uint64).view(torch.uint8) for r in (dest, first)}
         register = zmm[dest]
-        register.q = (dpbusd if name == "vpdpbusd" else dpbf16ps)(raw[dest], raw[first], second).tolist()
+        register.q = (dpbusd if name == "vpdpbusd" else dpbf16ps)(as_bytes(register), as_bytes(zmm[first]),
+                                                                   second).tolist()
         zmm[dest] = register
         state.zmm = zmm
         state.rip = end
@@ -246,7 +265,7 @@ class Machine:
             if broadcast or len(code) != 6:
                 return None
             second = rm + 8 * inverted(p0, 5) + 16 * inverted(p0, 6)
-            return name, dest, first, torch.tensor(state.zmm[second].q, dtype=torch.uint64).view(torch.uint8)
+            return name, dest, first, as_bytes(state.zmm[second])
         gpr = [state.rax, state.rcx, state.rdx, state.rbx, state.rsp, state.rbp, state.rsi, state.rdi, state.r8,
                state.r9, state.r10, state.r11, state.r12, state.r13, state.r14, state.r15]
         at, address = 6, 0
