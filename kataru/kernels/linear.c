@@ -328,7 +328,6 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
 static inline __attribute__((always_inline)) void tile4(Quantized in, const uint8_t *w, const uint16_t *sm,
                                                         float *y, int64_t K, int64_t N, int64_t tile, int64_t group,
                                                         const int M) {
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t groups = K / group, per_group = group / QB;
     const uint8_t *wt = w + tile * 4 * K;
     const uint16_t *st = sm + tile * groups * 16;
@@ -343,7 +342,6 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
         const __m512i pick_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
         const __m512i pick_hi = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
         __m512i wide[8];
-        (void)low, (void)ones;
         for (int m = 0; m < M; m++) wide[m] = _mm512_setzero_si512();
         for (int s = 0; s < 8; s += 2) {
             int64_t step = b * 8 + s;
@@ -359,6 +357,7 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
         }
         for (int m = 0; m < M; m++) sums32[m] = fold(wide[m]);
 #else
+        const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
         for (int m = 0; m < M; m++) sums32[m] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
             __m256i sums16[8];
@@ -397,7 +396,6 @@ static inline __attribute__((always_inline)) void tile4(Quantized in, const uint
  * weights with x's signs as in block(). */
 static inline __attribute__((always_inline)) void tile8(Quantized in, const int8_t *w, const float *scales,
                                                         float *y, int64_t K, int64_t N, int64_t tile, const int M) {
-    const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *wt = w + tile * 8 * K;
     __m256 acc[4];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
@@ -411,7 +409,6 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
          * negation and meet |x|. */
         const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         __m512i wide[4];
-        (void)ones;
         for (int m = 0; m < M; m++) wide[m] = _mm512_setzero_si512();
 #ifdef __AVX512VNNI__
         const __m128i flip = _mm_set1_epi8((char)0x80);
@@ -446,6 +443,7 @@ static inline __attribute__((always_inline)) void tile8(Quantized in, const int8
 #endif
         for (int m = 0; m < M; m++) s32[m] = fold(wide[m]);
 #else
+        const __m256i ones = _mm256_set1_epi16(1);
         for (int m = 0; m < M; m++) s32[m] = _mm256_setzero_si256();
         for (int s = 0; s < QB / 4; s++) {
             int64_t step = b * (QB / 4) + s;
