@@ -12,9 +12,9 @@ also a torch operator (`torch.ops.kataru.*`) that a torch.compile'd decode step 
 
 Where the CPU has AVX-512 (F, BW, VL, DQ, as cpuid reports and the OS enables), the matmuls are built a second
 time with it (and with VNNI's vpdpbusd and AVX512-BF16's vdpbf16ps where the CPU has those too): the
-"kernel-avx512" path beside the AVX2
-"kernel" one, which `kataru.dispatch` times against each other and torch's paths. A compiler that cannot build
-the AVX-512 variant, or `KATARU_KERNEL_ISA=avx2`, leaves the AVX2 build: never an error.
+"kernel-avx512" path beside the AVX2 "kernel" one, which `kataru.dispatch` times against each other and torch's
+paths. A compiler that cannot build the AVX-512 variant (or its VNNI and BF16 parts), or
+`KATARU_KERNEL_ISA=avx2`, leaves the AVX2 build (or AVX-512 without them): never an error.
 """
 
 from __future__ import annotations
