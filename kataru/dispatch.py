@@ -48,10 +48,11 @@ BUCKETS = ("1", "2-8", "9-64", "prompt")
 DECODE = BUCKETS[:3]
 ROWS = {"1": 1, "2-8": 8, "9-64": 32, "prompt": 128}  # the rows each bucket is timed with (prompt: a chunk)
 MODES = ("cached", "measure", "kernels", "torch")
-INVARIANT = frozenset(kernels.PATHS)  # each kernel build gives a row the same bits in any batch; torch's nothing
+INVARIANT = frozenset({*kernels.PATHS, "packed"})  # each kernel gives a row the same bits in any batch; torch nothing
+LAYOUTS = frozenset({"packed"})  # paths that read the weight stored another way: taken everywhere or nowhere
 INVARIANCE_COST = 0.10  # one decode path for every bucket when it is at most this much slower in each
 TOLERANCE = 0.02  # relative error (Frobenius) against float64 that a path may have; the kernels' bounds are tighter
-VERSION = 2  # 2: the AVX-512 kernel build is a candidate
+VERSION = 3  # 2: the AVX-512 kernel build is a candidate; 3: the packed bf16 layout
 HEAD_ROWS = 32000  # wider layers are vocabulary heads: timed only when the model has nothing else of the kind
 
 
@@ -79,10 +80,11 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not self.mixed:
-            self.mixed = {b: min(times, key=times.get) for b, times in self.ms.items() if times}
+            self.mixed = {b: min(times, key=times.get) for b, times in self._layout_ms().items() if times}
         if not self.uniform:
             self.uniform = dict(self.mixed)
-            common = set.intersection(*(set(self.ms.get(b, {})) for b in DECODE))
+            ms = self._layout_ms()
+            common = set.intersection(*(set(ms.get(b, {})) for b in DECODE))
             # the kernel build made to give every row the same bits in any batch, else any path (torch promises
             # no invariance across row counts); of those, the least summed slowdown
             candidates = (common & INVARIANT) or common
@@ -90,6 +92,25 @@ class Plan:
                 best = {b: min(self.ms[b].values()) for b in DECODE}
                 one = min(sorted(candidates), key=lambda p: sum(self.ms[b][p] / best[b] for b in DECODE))
                 self.uniform.update(dict.fromkeys(DECODE, one))
+
+    def _layout_ms(self) -> dict[str, dict[str, float]]:
+        """The times of the paths of one weight layout: a layout path (packed) for every bucket when its summed
+        slowdown over the buckets is less than the other paths' best, else none of it (one copy of a weight)."""
+        ms = {b: times for b, times in self.ms.items() if times}
+        for path in LAYOUTS:
+            if not any(path in times for times in ms.values()):
+                continue
+            best = {b: min(times.values()) for b, times in ms.items()}
+            others = {b: min((t for p, t in times.items() if p != path), default=float("inf"))
+                      for b, times in ms.items()}
+            if all(path in times for times in ms.values()) and \
+                    sum(ms[b][path] / best[b] for b in ms) < sum(others[b] / best[b] for b in ms):
+                return {b: {path: times[path]} for b, times in ms.items()}
+            ms = {b: {p: t for p, t in times.items() if p != path} for b, times in ms.items()}
+        return ms
+
+    def paths_used(self) -> set[str]:
+        return set(self.mixed.values()) | set(self.uniform.values())
 
     @property
     def invariant_cost(self) -> float:
@@ -355,6 +376,7 @@ def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
         chosen[kind] = cached[key]
         _state["plans"][key] = cached[key]
         _state["kinds"][kind] = cached[key]
+        settle(model, shapes, cached[key])
     dtype_name = SHORT.get(dtype, str(dtype))
     probe = getattr(model, "decode_probe", None)
     if probe is not None and _on_cpu(model.tok_embeddings) and dtype in kernels.ACTIVATIONS:
@@ -370,6 +392,16 @@ def prepare(model: torch.nn.Module, progress: bool = False) -> dict[str, Plan]:
                 write_plans(path, {**read_plans(path), **cached})
             chosen[f"{kind}-{dtype_name}"] = _state["kinds"][f"{kind}-{dtype_name}"] = cached[key]
     return chosen
+
+
+def settle(model: torch.nn.Module, shapes: dict[str, list[Any]], plan: Plan) -> None:
+    """Each layer of the kind keeps the one weight layout the plan reads (`Linear.settle`); a weight that other
+    modules share (a tied output head's) stays as it is."""
+    shared = {t.data_ptr() for m in model.modules() if not hasattr(m, "plan_kind") for t in m.parameters(False)}
+    for layers in shapes.values():
+        for layer in layers:
+            if hasattr(layer, "settle"):
+                layer.settle(plan.paths_used(), layer.weight.data_ptr() in shared)
 
 
 def _has_rmsnorm(model: torch.nn.Module) -> bool:

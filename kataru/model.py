@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,14 @@ ACTIVATIONS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear with three CPU paths for bf16 and fp16 weights, chosen per call by `kataru.dispatch`:
+    """nn.Linear with four CPU paths for bf16 and fp16 weights, chosen per call by `kataru.dispatch`:
 
     - "kernel" (and "kernel-avx512", its AVX-512 build): `kataru.kernels` streams the 16-bit weights once for
       all rows of a decode batch, where torch's time grows with every row on AVX2 without native bf16;
+    - "packed" (bf16): the weight stored in panels of 16 rows (`kernels.pack_bf16`), which the kernel converts
+      once for up to six rows and sums like a GEMM: faster from a few rows up to prompts. A layer keeps one
+      layout: once a plan runs "packed" at every row count, `settle` drops the [out, in] copy (the other
+      paths, `dense_weight` and the state dict unpack the panels);
     - "upcast": the float32 GEMM on the weight converted a tile at a time (`upcast_matmul`): on AVX2, prompts
       go 6x faster than torch's bf16 GEMM (a 512-token prefill of the llm-jp-3.1-1.8b shape measured 7 tok/s);
     - "torch": torch's own 16-bit matmul, which oneDNN runs on AMX or AVX512-BF16 where the CPU has them.
@@ -48,12 +53,13 @@ class Linear(nn.Linear):
     """
 
     upcast_rows = 32
-    paths = (*kernels.PATHS, "upcast", "torch")
+    paths = (*kernels.PATHS, "packed", "upcast", "torch")
+    packed: Tensor | None = None  # the weight in panels, made by the first "packed" call
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype in kernels.HALF and self.weight.dtype == x.dtype:
             return self.run(dispatch.choose(self, x), x)
-        return super().forward(x)
+        return F.linear(x, self.dense_weight(), self.bias)
 
     @property
     def plan_kind(self) -> str | None:
@@ -63,17 +69,54 @@ class Linear(nn.Linear):
     def plan_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
+    @property
+    def dense(self) -> bool:
+        """Whether the [out, in] weight is here (else only the panels: `settle`)."""
+        return self.weight.numel() > 0
+
+    @property
+    def can_pack(self) -> bool:
+        return self.weight.dtype == torch.bfloat16 and kernels.panels_fit(self.out_features)
+
+    def dense_weight(self) -> Tensor:
+        return self.weight if self.dense or self.packed is None else kernels.unpack_bf16(self.packed)
+
+    def packed_weight(self) -> Tensor:
+        if self.packed is None:
+            self.packed = kernels.pack_bf16(self.weight.detach())
+        return self.packed
+
+    def settle(self, paths: set[str], shared: bool) -> None:
+        """Keep the layout the plan's `paths` read: only the panels when it runs "packed" alone (unless the
+        weight is shared, as a tied output head's with the embeddings), else only [out, in]."""
+        if paths == {"packed"} and not shared and self.dense and self.can_pack:
+            self.packed_weight()
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        elif "packed" not in paths and self.dense:
+            self.packed = None
+
     def can_run(self, path: str, x: Tensor) -> bool:
-        return path not in kernels.PATHS or kernels.usable(x, self.weight, isa=kernels.PATHS[path])
+        if path == "packed":  # packs the weight the first time (before a plan times the path)
+            if (self.dense and not self.can_pack) or (torch.is_grad_enabled() and self.weight.requires_grad) or \
+                    not kernels.available():
+                return False
+            return kernels.usable(x, self.packed_weight())
+        if path in kernels.PATHS:
+            return self.dense and kernels.usable(x, self.weight, isa=kernels.PATHS[path])
+        return True
 
     def run(self, path: str, x: Tensor) -> Tensor:
+        if path == "packed":
+            return kernels.linear_packed(x, self.packed_weight(), self.bias)
         if path in kernels.PATHS:
             return kernels.linear_half(x, self.weight, self.bias, kernels.PATHS[path])
         if path == "upcast":
-            return upcast_matmul(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return upcast_matmul(x, self.dense_weight(), self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
 
     def default_path(self, x: Tensor, rows: int) -> str:
+        if not self.dense:
+            return "packed"
         if rows >= self.upcast_rows:
             return "upcast"
         return kernels.best_path(x, self.weight) or "torch"
@@ -82,7 +125,12 @@ class Linear(nn.Linear):
         return "torch"
 
     def reference_weight(self) -> Tensor:
-        return self.weight.detach().float()
+        return self.dense_weight().detach().float()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.dense:
+            destination[prefix + "weight"] = self.dense_weight()
 
 
 _upcast_scratch = threading.local()

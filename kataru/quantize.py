@@ -33,6 +33,11 @@ METHODS = ("int8", "int4")
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f32"}  # activation types in plan kinds
 
 
+def dense_weight(linear: nn.Linear) -> Tensor:
+    """The [out, in] weight, also of a `Linear` that keeps only its packed panels."""
+    return linear.dense_weight() if isinstance(linear, Linear) else linear.weight
+
+
 class QuantizedLinear(nn.Module):
     """What the int8 and int4 layers share: their paths (kataru's kernel, torch's packed matmul, dequantize and
     then float32 or 16-bit GEMM), chosen per call by `kataru.dispatch` on the CPU; torch's elsewhere."""
@@ -78,7 +83,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
+        w = dense_weight(linear).detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
@@ -170,7 +175,7 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
-        w = linear.weight.detach().float()
+        w = dense_weight(linear).detach().float()
         n, k = w.shape
         module = cls(k, n, linear.bias is not None, linear.weight.dtype, group_size)
         group_size = module.group_size

@@ -64,9 +64,26 @@ def test_the_planner_keeps_the_faster_path(monkeypatch: pytest.MonkeyPatch) -> N
         plan = dispatch.measure(layer, torch.bfloat16, buckets, slow=others)
         assert all(plan.mixed[b] == chosen for b in buckets), plan.ms
     plain = dispatch.measure(layer, torch.bfloat16)
-    for b, times in plain.ms.items():
-        assert plain.mixed[b] == min(times, key=times.get)
+    layout = plain._layout_ms()  # the paths of the one weight layout the plan keeps
+    for b in plain.ms:
+        assert plain.mixed[b] == min(layout[b], key=layout[b].get)
+    assert "packed" not in plain.paths_used() or plain.paths_used() == {"packed"}
     assert "upcast" not in plain.ms["1"]  # converting the whole weight for one row is never a candidate
+
+
+def test_the_packed_layout_is_kept_for_every_bucket_or_for_none() -> None:
+    """The packed bf16 layout replaces the [out, in] weight (one copy in memory), so a plan takes it for every
+    row count when its summed slowdown is the smaller, even where another path is a little faster, and
+    otherwise not at all, even where it is the fastest."""
+    wins = {"1": {"kernel": 1.0, "packed": 1.05}, "2-8": {"kernel": 2.0, "packed": 1.5},
+            "9-64": {"kernel": 4.0, "upcast": 3.0, "packed": 2.0}, "prompt": {"upcast": 10.0, "packed": 7.0}}
+    plan = dispatch.Plan("bf16:8x8", wins)
+    assert set(plan.mixed.values()) == set(plan.uniform.values()) == {"packed"}
+    loses = {"1": {"kernel": 1.0, "packed": 2.0}, "2-8": {"kernel": 2.0, "packed": 4.0},
+             "9-64": {"kernel": 4.0, "upcast": 3.0, "packed": 2.9}, "prompt": {"upcast": 10.0, "packed": 9.9}}
+    plan = dispatch.Plan("bf16:8x8", loses)
+    assert plan.mixed == {"1": "kernel", "2-8": "kernel", "9-64": "upcast", "prompt": "upcast"}
+    assert "packed" not in plan.paths_used()
 
 
 def test_one_kernel_build_serves_every_decode_bucket_when_invariance_is_asked() -> None:
@@ -82,6 +99,42 @@ def test_one_kernel_build_serves_every_decode_bucket_when_invariance_is_asked() 
     assert not plan.unify and plan.path("1", False) == "torch"  # 60% slower at one row: mixed by default
     cheap = dispatch.Plan("bf16:8x8", {b: {"kernel": 1.0, "kernel-avx512": 1.05} for b in dispatch.DECODE})
     assert cheap.unify and [cheap.path(b, False) for b in dispatch.DECODE] == ["kernel"] * 3
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler or AVX2: kataru's kernels (packed included) "
+                    "do not run here")
+@torch.inference_mode()
+def test_a_plan_that_runs_packed_keeps_only_the_panels(plans_here: Path) -> None:
+    """Once a plan runs the packed layout everywhere, each bf16 layer keeps its panels and drops [out, in] (one
+    copy in memory); its outputs, its state dict and quantizing it are as before. A weight shared with
+    another module (a tied head) and a shape the panels do not fit keep [out, in]."""
+    layers = [half(256, 128), half(256, 128), half(40, 128)]
+    model = Model(*layers)
+    model.tok_embeddings = nn.Embedding(16, 128, dtype=torch.bfloat16)
+    tied = Linear(128, 16, bias=False).bfloat16()
+    tied.weight = model.tok_embeddings.weight
+    model.layers.append(tied)
+    weights = [m.weight.detach().clone() for m in model.layers]
+    ms = {b: {"kernel": 2.0, "packed": 1.0} for b in dispatch.BUCKETS}
+    dispatch.write_plans(plans_here, {"bf16:256x128": dispatch.Plan("bf16:256x128", ms)})
+    x = torch.randn(5, 128).bfloat16()
+    before = [kernels.linear_half(x, w) for w in weights]
+    int8 = Int8Linear.from_linear(layers[0])
+    dispatch.prepare(model)
+    assert [m.dense for m in model.layers] == [False, False, True, True]
+    assert layers[0].packed is not None and layers[2].packed is None
+    assert all(dispatch.choose(m, x) == "packed" for m in layers[:2])
+    assert dispatch.choose(layers[2], x) != "packed"  # 40 rows: no panels; the kind's fixed rule
+    for m, w, y in zip(model.layers, weights, before, strict=True):
+        assert torch.equal(m.dense_weight(), w) and torch.equal(m.state_dict()["weight"], w)
+        got = m(x)
+        if m.dense:
+            assert torch.equal(got, y)
+        else:  # another order of the same float32 sums
+            assert torch.equal(got, kernels.linear_packed(x, kernels.pack_bf16(w)))
+            assert torch.allclose(got.float(), y.float(), rtol=2**-7, atol=1e-3)
+    again = Int8Linear.from_linear(layers[0])
+    assert torch.equal(again.weight, int8.weight) and torch.equal(again.scales, int8.scales)
 
 
 def test_a_plan_is_cached_and_read_back_without_measuring(monkeypatch: pytest.MonkeyPatch, plans_here: Path) -> None:
@@ -164,10 +217,14 @@ def test_every_path_a_plan_can_pick_is_within_the_kernels_bounds(name: str, laye
         # the check bites: the inputs one feature off, as a layout bug would read them
         assert not dispatch.agrees(layer, layer.default_path(x, rows), x.roll(1, dims=-1), exact, bound)
     missing = set(layer.paths) - ran
+    if name == "fp16":
+        assert "packed" in missing  # the packed layout is for bf16 weights
+        missing.discard("packed")
     if "int8" in name and layer.plan_shape[1] % 8:
         assert "torch" in missing  # torch 2.13's int8 kernel crashes on such widths: never a candidate
         missing.discard("torch")
-    unbuilt = {path for path in missing if path in kernels.PATHS and not kernels.available(isa=kernels.PATHS[path])}
+    unbuilt = {path for path in missing if (path in kernels.PATHS and not kernels.available(isa=kernels.PATHS[path]))
+               or (path == "packed" and not kernels.available())}
     assert missing == unbuilt, missing  # every path ran but the kernel builds this CPU cannot run
     if "kernel" in unbuilt:
         pytest.skip(f"{name}: kataru's kernels do not run here (no C compiler or AVX2); the torch paths passed")

@@ -44,6 +44,23 @@ def test_error_is_within_float32_accumulation_and_one_rounding(rows: int, k: int
     assert ((got.double() - exact).abs() <= bound * 1.01).all()
 
 
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(256, 96), (70, 32), (5, 16), (1100, 48)])  # k past the kernel's 512-step chunks
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 17])  # groups of up to six rows, one or two panels
+def test_packed_bf16_is_within_float32_accumulation_and_one_rounding(rows: int, k: int, n: int) -> None:
+    """The packed layout's kernel (a GEMM: each output one chain of k FMAs) keeps linear_half's bound."""
+    x, w, b = operands(rows, k, n)
+    packed = kernels.pack_bf16(w)
+    assert packed.shape == (n // 16, k, 16) and torch.equal(kernels.unpack_bf16(packed), w)
+    assert torch.equal(packed[0, 3, 2:4], torch.stack([w[1, 3], w[9, 3]]))  # rows i and i + 8 share a lane
+    exact = x.double() @ w.double().t() + b.double()
+    got = kernels.linear_packed(x, packed, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    bound = 2**-8 * exact.abs() + (k + 1) * 2**-24 * (x.double().abs() @ w.double().abs().t() + b.double().abs())
+    assert ((got.double() - exact).abs() <= bound * 1.01).all()
+    assert not torch.equal(kernels.linear_packed(x, kernels.pack_bf16(w.roll(1, 0)), b), got)  # the check bites
+
+
 def int8_operands(rows: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, w, b = operands(rows, k, n)
     q = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
@@ -157,7 +174,9 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch() -> None:
     _, q, scales, _ = int8_operands(40, 2048 + 24, 301)
     _, packed, scale_min, _, _ = int4_operands(40, 2048, 304, 64)
     tiled = kernels.tile_int8(q[:296, :2048])
+    panels = kernels.pack_bf16(w[:288])
     for fn in (lambda rows: kernels.linear_half(rows, w), lambda rows: kernels.linear_half(rows, w.half()),
+               lambda rows: kernels.linear_packed(rows, panels),
                lambda rows: kernels.linear_int8(rows, q, scales),
                lambda rows: kernels.linear_int8(rows[:, :2048], tiled, scales[:296], tiled=True),
                lambda rows: kernels.linear_int4(rows[:, :2048], packed, scale_min, 64)):
@@ -175,7 +194,9 @@ def test_activations_in_any_type_get_the_same_sums_rounded_once() -> None:
     _, q, scales, _ = int8_operands(3, 2048, 304)
     _, packed, scale_min, _, _ = int4_operands(3, 2048, 304, 64)
     tiled = kernels.tile_int8(q)
+    panels = kernels.pack_bf16(w)
     for fn in (lambda rows, bias: kernels.linear_half(rows, w, bias),
+               lambda rows, bias: kernels.linear_packed(rows, panels, bias),
                lambda rows, bias: kernels.linear_int8(rows, q, scales, bias),
                lambda rows, bias: kernels.linear_int8(rows, tiled, scales, bias, tiled=True),
                lambda rows, bias: kernels.linear_int4(rows, packed, scale_min, 64, bias)):

@@ -150,6 +150,7 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
                 flag = ctypes.c_int
                 lib.kataru_linear_bf16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
                 lib.kataru_linear_f16.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
+                lib.kataru_linear_bf16_packed.argtypes = [*[pointer] * 4, *[size] * 3, flag, threads]
                 lib.kataru_linear_int8.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int8_tiled.argtypes = [*[pointer] * 5, *[size] * 3, flag, threads]
                 lib.kataru_linear_int4.argtypes = [*[pointer] * 5, *[size] * 4, flag, threads]
@@ -158,7 +159,8 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
                 lib.kataru_decode_attention.restype = None
                 lib.kataru_rms_norm.argtypes = [*[pointer] * 3, size, size, ctypes.c_float, flag]
                 lib.kataru_rms_norm.restype = None
-                for fn in (lib.kataru_linear_bf16, lib.kataru_linear_f16, lib.kataru_linear_int8,
+                for fn in (lib.kataru_linear_bf16, lib.kataru_linear_f16, lib.kataru_linear_bf16_packed,
+                           lib.kataru_linear_int8,
                            lib.kataru_linear_int8_tiled, lib.kataru_linear_int4):
                     fn.restype = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -254,6 +256,37 @@ def _linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None, isa: str
     fn = lib.kataru_linear_f16 if weight.dtype == torch.float16 else lib.kataru_linear_bf16
     fn(rows.data_ptr(), weight.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k, n, bf16,
        torch.get_num_threads())
+    return _shaped(y, x)
+
+
+PANEL = 16  # output rows of a panel in linear.c's packed bf16 layout
+
+
+def panels_fit(out_features: int) -> bool:
+    return out_features % PANEL == 0
+
+
+def pack_bf16(weight: Tensor) -> Tensor:
+    """bf16 [N, K] (N % 16 == 0) as the packed kernel reads it, [N/16, K, 16]: panels of 16 rows, step k of a
+    panel holding row i's weight k at 2i and row i + 8's at 2i + 1 (one 32-bit lane: linear.c, panel)."""
+    n, k = weight.shape
+    return weight.reshape(n // PANEL, 2, PANEL // 2, k).permute(0, 3, 2, 1).reshape(n // PANEL, k, PANEL).contiguous()
+
+
+def unpack_bf16(packed: Tensor) -> Tensor:
+    panels, k, _ = packed.shape
+    return packed.reshape(panels, k, PANEL // 2, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
+
+
+def _linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear with a bf16 CPU weight in `pack_bf16`'s layout: float32 sums, each output one chain of FMAs
+    in input order (the same bits at any row count), one rounding to x's dtype. The caller checks
+    `applicable(packed)` and that no gradient is wanted."""
+    lib = _loaded("linear_packed")
+    panels, k, _ = packed.shape
+    rows, y, bias, bf16 = _io(x, panels * PANEL, bias)
+    lib.kataru_linear_bf16_packed(rows.data_ptr(), packed.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k,
+                                  panels * PANEL, bf16, torch.get_num_threads())
     return _shaped(y, x)
 
 
@@ -428,6 +461,8 @@ def _define(schema: str, fake: Callable[..., Tensor]) -> None:
 
 _define("linear_half(Tensor x, Tensor weight, Tensor? bias, str isa) -> Tensor",
         lambda x, weight, bias, isa: x.new_empty(*x.shape[:-1], weight.shape[0]))
+_define("linear_packed(Tensor x, Tensor packed, Tensor? bias) -> Tensor",
+        lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * PANEL))
 _define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool tiled, str isa) -> Tensor",
         lambda x, weight, scales, bias, tiled, isa: x.new_empty(*x.shape[:-1], scales.shape[0]))
 _define("linear_int4(Tensor x, Tensor packed, Tensor scale_min, int group_size, Tensor? bias, str isa) -> Tensor",
@@ -445,6 +480,11 @@ _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", lambda x, weig
 def linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None, isa: str = "avx2") -> Tensor:
     op = torch.ops.kataru.linear_half if torch.compiler.is_compiling() else _linear_half
     return op(x, weight, bias, isa)
+
+
+def linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = torch.ops.kataru.linear_packed if torch.compiler.is_compiling() else _linear_packed
+    return op(x, packed, bias)
 
 
 def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False,

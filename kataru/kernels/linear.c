@@ -510,6 +510,92 @@ static inline __attribute__((always_inline)) void linear_tiled(const float *x, c
     }
 }
 
+/* bf16 weights packed for batches and prompts (kataru.kernels.pack_bf16): panels of 16 output rows, [N/16, K, 16],
+ * the 32-bit lane i of a panel's step k holding row i's weight k in its low and row i + 8's in its high half.
+ * A shift and an AND make float32 vectors of the 8 + 8 rows' weights at k, and each meets the values x[m, k] of
+ * MR input rows broadcast, so a weight is converted once per MR rows and read from memory once per call (a
+ * chunk of PK steps of one or two panels stays in L1 while every group of rows passes over it). Every output is
+ * one chain of FMAs in k order, whatever the number of rows, their grouping or the thread: a row gets the same
+ * bits alone or batched. */
+#ifndef PK
+#define PK 512
+#endif
+
+/* MR input rows against NP panels from column n, steps [k0, k1) (y holds the sums of the steps before k0) */
+static inline __attribute__((always_inline)) void panel(const float *x, const uint16_t *p, float *y, int64_t K,
+                                                        int64_t N, int64_t n, int64_t k0, int64_t k1, const int MR,
+                                                        const int NP) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    __m256 lo[6][2], hi[6][2]; /* sums of the panel's rows 0-7 and 8-15 */
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NP; j++) {
+            float *out = y + m * N + n + 16 * j;
+            lo[m][j] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+            hi[m][j] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + 8);
+        }
+    const uint16_t *w = p + (n / 16) * K * 16;
+    for (int64_t k = k0; k < k1; k++)
+        for (int j = 0; j < NP; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + (j * K + k) * 16));
+            __m256 wl = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            __m256 wh = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for (int m = 0; m < MR; m++) {
+                __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+                lo[m][j] = _mm256_fmadd_ps(wl, xv, lo[m][j]);
+                hi[m][j] = _mm256_fmadd_ps(wh, xv, hi[m][j]);
+            }
+        }
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NP; j++) {
+            _mm256_storeu_ps(y + m * N + n + 16 * j, lo[m][j]);
+            _mm256_storeu_ps(y + m * N + n + 16 * j + 8, hi[m][j]);
+        }
+}
+
+/* a group of mr <= 6 rows against panels [q, q + np) (np <= 2): up to 12 accumulators, so that enough
+ * independent FMA chains hide their latency (three rows or fewer take two panels at once) */
+static inline void panel_group(const float *x, const uint16_t *p, float *y, int64_t K, int64_t N, int64_t q,
+                               int np, int64_t k0, int64_t k1, int mr) {
+#define P(MR_, NP_) panel(x, p, y, K, N, (q + j) * 16, k0, k1, MR_, NP_)
+    if (mr <= 2 && np == 2) {
+        const int64_t j = 0;
+        if (mr == 1)
+            P(1, 2);
+        else
+            P(2, 2);
+        return;
+    }
+    for (int64_t j = 0; j < np; j++) switch (mr) {
+            case 1: P(1, 1); break;
+            case 2: P(2, 1); break;
+            case 3: P(3, 1); break;
+            case 4: P(4, 1); break;
+            case 5: P(5, 1); break;
+            default: P(6, 1); break;
+        }
+#undef P
+}
+
+static void linear_packed(const float *x, const uint16_t *p, float *y, int64_t M, int64_t K, int64_t N, int threads) {
+    const int64_t groups = (M + 5) / 6; /* rows spread evenly: 8 rows are two groups of 4, not 6 + 2 */
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t q0, q1;
+        thread_share(N / 16, &q0, &q1);
+        for (int64_t q = q0; q < q1; q += 2) {
+            int np = q + 2 <= q1 ? 2 : 1;
+            for (int64_t k0 = 0; k0 < K; k0 += PK) {
+                int64_t k1 = k0 + PK < K ? k0 + PK : K;
+                for (int64_t g = 0, m0 = 0; g < groups; g++) {
+                    int mr = (int)(M / groups + (g < M % groups));
+                    panel_group(x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr);
+                    m0 += mr;
+                }
+            }
+        }
+    }
+}
+
 /* Inputs and outputs are float32 or bf16 (act_bf16), the model's activations, so that a call needs no
  * conversion around it. bf16 inputs are widened once into a per-thread buffer; the kernels sum into float32
  * and the result, plus the bias (in the activation type, or none), is rounded once to the activation type. */
@@ -581,5 +667,13 @@ void kataru_linear_int8_tiled(const void *x, const int8_t *w, const float *scale
                               int64_t M, int64_t K, int64_t N, int act_bf16, int threads) {
     Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear_tiled(io.x, w, scales, io.y, M, K, N, 0, threads, INT8);
+    end(io, bias, y, M, N, act_bf16, threads);
+}
+
+/* w bf16 packed in panels of 16 rows [N/16, K, 16] (N % 16 == 0; kataru.kernels.pack_bf16) */
+void kataru_linear_bf16_packed(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M, int64_t K,
+                               int64_t N, int act_bf16, int threads) {
+    Io io = begin(x, y, M, K, N, act_bf16, threads);
+    linear_packed(io.x, w, io.y, M, K, N, threads);
     end(io, bias, y, M, N, act_bf16, threads);
 }
