@@ -1,10 +1,12 @@
-"""How many multiply-adds a serving target needs, against what this CPU's best GEMM does.
+"""How many multiply-adds a serving target needs, against what this CPU's matmuls and its FMA units do.
 
 A run of `kataru bench serve` (the JSON of `bench/llamacpp_serve.sh`) moves a known number of tokens
 through a model of known size: every prompt token and every generated token costs about two FLOPs per
 weight it passes (the output head only for generated ones). This prints the FLOP/s each server sustained,
-the FLOP/s that 1.5x llama-server's tokens/s would need, and torch's own float32 and bf16 GEMM rates on
-matmuls of the model's shape with as many rows as a decode step (8, 32) or a prompt chunk (128, 512) has.
+the FLOP/s that 1.5x llama-server's tokens/s would need, and, on matmuls of the model's shape with as many
+rows as a decode step (8, 32) or a prompt chunk (128, 512) has: torch's own float32 and bf16 GEMM and
+kataru's packed bf16 kernel; then the ceiling of them all, the float32 FMA throughput of every core (12
+independent 8-wide FMA chains per thread, compiled with the system's C compiler).
 
 usage: .venv/bin/python bench/gemm_peak.py docs/bench-serve-bf16.json [--folder /tmp/kataru-llamacpp/hf]
 """
@@ -12,11 +14,16 @@ usage: .venv/bin/python bench/gemm_peak.py docs/bench-serve-bf16.json [--folder 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from kataru import kernels
 from kataru.config import ModelConfig
 from kataru.shapes import shape_config
 
@@ -29,6 +36,55 @@ def gemm_rate(rows: int, inner: int, outer: int, dtype: torch.dtype, seconds: fl
         a @ b
         calls += 1
     return 2 * rows * inner * outer * calls / (time.perf_counter() - start)
+
+
+def packed_rate(rows: int, inner: int, outer: int, seconds: float = 3.0) -> float:
+    packed = kernels.pack_bf16(torch.randn(outer, inner).bfloat16())
+    x = torch.randn(rows, inner).bfloat16()
+    kernels.linear_packed(x, packed)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        kernels.linear_packed(x, packed)
+        calls += 1
+    return 2 * rows * inner * outer * calls / (time.perf_counter() - start)
+
+
+FMA_LOOP = r"""
+#include <immintrin.h>
+double fma_flops(long steps) {  /* float32 FLOPs done by this thread: 12 independent chains of 8-wide FMAs */
+    __m256 a[12], b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(1e-9f);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long s = 0; s < steps; s++)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    float sink = 0;
+    for (int i = 0; i < 12; i++) sink += a[i][0];
+    return sink > 0 ? 12.0 * 16 * steps : 0;
+}
+double fma_peak(long steps, int threads) {
+    double flops = 0;
+    #pragma omp parallel num_threads(threads) reduction(+:flops)
+    flops += fma_flops(steps);
+    return flops;
+}
+"""
+
+
+def fma_peak(seconds: float = 2.0) -> float:
+    """FLOP/s of independent float32 FMAs on every thread torch uses: no matmul can go faster."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, library = Path(tmp) / "peak.c", Path(tmp) / "peak.so"
+        source.write_text(FMA_LOOP)
+        subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", str(source), "-o",
+                        str(library)], check=True)
+        peak = ctypes.CDLL(str(library)).fma_peak
+        peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
+        steps, best = 1 << 20, 0.0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            best = max(best, peak(steps, torch.get_num_threads()) / (time.perf_counter() - t))
+        return best
 
 
 def main() -> None:
@@ -54,10 +110,17 @@ def main() -> None:
               f"({torch.get_num_threads()} threads)")
     bf16 = gemm_rate(128, config.dim, config.intermediate_size, torch.bfloat16, seconds=1.0)
     print(f"  torch bfloat16 GEMM 128x{config.dim}x{config.intermediate_size}: {bf16 / 1e9:6.1f} GFLOP/s")
+    if kernels.available():
+        for rows in (8, 32, 128):
+            rate = packed_rate(rows, config.dim, config.intermediate_size)
+            print(f"  kataru packed bf16 {rows}x{config.dim}x{config.intermediate_size}: {rate / 1e9:6.1f} GFLOP/s")
+    peak = fma_peak()
+    print(f"  float32 FMA throughput ({torch.get_num_threads()} threads): {peak / 1e9:6.1f} GFLOP/s")
     for concurrency in sorted({r["concurrency"] for r in report["runs"]}):
         llama = next(r for r in report["runs"] if r["server"] == "llama-server" and r["concurrency"] == concurrency)
         print(f"  at {concurrency} streams, 1.5x llama-server is {1.5 * llama['output_tok_s']:.2f} output tok/s: "
-              f"{1.5 * llama['gflops']:.1f} GFLOP/s sustained over prompts and decode steps alike")
+              f"{1.5 * llama['gflops']:.1f} GFLOP/s sustained over prompts and decode steps alike, "
+              f"{1.5 * llama['gflops'] * 1e9 / peak:.0%} of the FMA throughput")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ from kataru.charts import pyplot
 from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
-from kataru.model import Transformer
+from kataru.model import Transformer, dense_weights
 from kataru.quantize import quantize as quantize_model
 from kataru.runtime import dtype_name, resolve_device, resolve_dtype
 from kataru.sampling import SamplingParams
@@ -213,7 +213,8 @@ def contestants(setup: Setup, quantize: list[str], compile: bool) -> dict[str, C
     model = setup.model
 
     def torch_mm() -> Result:
-        with kernels.disabled(), dispatch.forced("torch"):  # torch's matmuls (its 16-bit GEMM too) and SDPA
+        # torch's matmuls (its 16-bit GEMM too, on [out, in] weights) and SDPA
+        with kernels.disabled(), dispatch.forced("torch"), dense_weights(model):
             return measure_kataru(setup, "kataru torch mm", model)
 
     def quantized(method: str, compiled: bool) -> Result:
@@ -272,8 +273,8 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
     setup = build(target, dtype, layers, compare == "transformers", device, prompt_len, new_tokens, context)
     model, config = setup.model, setup.model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before a plan packs any
     plans = dispatch.prepare(model, progress) if torch.device(device).type == "cpu" else {}
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # a decode step reads every weight except the embedding table (only one row of it)
     step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     if config.tie_embeddings:

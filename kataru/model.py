@@ -115,8 +115,8 @@ class Linear(nn.Linear):
         return F.linear(x, self.dense_weight(), self.bias)
 
     def default_path(self, x: Tensor, rows: int) -> str:
-        if not self.dense:
-            return "packed"
+        if not self.dense:  # (torch's matmul unpacks the panels per call: only where the kernels were switched off)
+            return "packed" if self.can_run("packed", x) else "torch"
         if rows >= self.upcast_rows:
             return "upcast"
         return kernels.best_path(x, self.weight) or "torch"
@@ -131,6 +131,21 @@ class Linear(nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not self.dense:
             destination[prefix + "weight"] = self.dense_weight()
+
+
+@contextmanager
+def dense_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every `Linear` that keeps only its panels holds [out, in] instead (for torch's paths,
+    as `kataru bench` measures them), one layer at a time, so memory grows by one layer at most."""
+    settled = [m for m in model.modules() if isinstance(m, Linear) and not m.dense]
+    for m in settled:
+        m.weight = nn.Parameter(m.dense_weight(), requires_grad=False)
+        m.packed = None
+    try:
+        yield
+    finally:
+        for m in settled:
+            m.settle({"packed"}, shared=False)
 
 
 _upcast_scratch = threading.local()

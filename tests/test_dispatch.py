@@ -15,7 +15,7 @@ from torch import nn
 
 import kataru
 from kataru import dispatch, kernels
-from kataru.model import Linear
+from kataru.model import Linear, dense_weights
 from kataru.quantize import Int4Linear, Int8Linear
 from kataru.sampling import SamplingParams
 
@@ -135,6 +135,11 @@ def test_a_plan_that_runs_packed_keeps_only_the_panels(plans_here: Path) -> None
             assert torch.allclose(got.float(), y.float(), rtol=2**-7, atol=1e-3)
     again = Int8Linear.from_linear(layers[0])
     assert torch.equal(again.weight, int8.weight) and torch.equal(again.scales, int8.scales)
+    with kernels.disabled():  # no kernels after all: torch's matmul on the unpacked panels
+        assert torch.equal(layers[0](x), torch.nn.functional.linear(x, weights[0]))
+    with dense_weights(model):  # torch's paths as `kataru bench` measures them: [out, in] back, panels gone
+        assert layers[0].dense and layers[0].packed is None and torch.equal(layers[0].weight, weights[0])
+    assert not layers[0].dense and torch.equal(layers[0].dense_weight(), weights[0])
 
 
 def test_a_plan_is_cached_and_read_back_without_measuring(monkeypatch: pytest.MonkeyPatch, plans_here: Path) -> None:

@@ -15,6 +15,7 @@ import kataru
 from kataru import kernels
 from kataru.engine import Engine, GraphedDecode
 from kataru.errors import KataruError
+from kataru.model import Linear
 from kataru.sampling import SamplingParams
 
 
@@ -263,19 +264,27 @@ def test_a_failing_step_ends_its_streams_with_one_clear_error(checkpoints: dict)
     assert engine.scheduler.reserved == 0 and engine.scheduler.free_rows == [0]
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "packed"])
 def test_compiled_decode_step_matches_eager(checkpoints: dict, quantize: str | None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.compile'd one-token steps (dynamic batch and key length) give the eager engine's tokens, in one
-    graph that keeps kataru's CPU kernels (as torch operators) where they run."""
+    graph that keeps kataru's CPU kernels (as torch operators) where they run ("packed": bf16 layers that keep
+    only their packed panels, as a plan that runs them everywhere leaves them)."""
     from torch._dynamo.utils import counters
 
-    llm = kataru.load(checkpoints["llama"][0], dtype="float32", quantize=quantize)
+    packed = quantize == "packed"
+    if packed and not kernels.available():
+        pytest.skip("no C compiler or AVX2: no packed layout here")
+    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16" if packed else "float32",
+                      quantize=None if packed else quantize)
+    for m in llm.model.modules():
+        if packed and isinstance(m, Linear):
+            m.settle({"packed"}, shared=m.weight is llm.model.tok_embeddings.weight)
     params = [SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in (10, 6, 9)]
     ps = prompts(llm.config.vocab_size, [4, 13, 8])
     expected = [alone(llm, p, q) for p, q in zip(ps, params, strict=True)]
 
-    inside, calls = {"decode": False}, {"_linear_int8": 0, "_decode_attention": 0}
+    inside, calls = {"decode": False}, {"_linear_int8": 0, "_linear_packed": 0, "_decode_attention": 0}
 
     def counting(name: str):  # type: ignore[no-untyped-def]
         kernel = getattr(kernels, name)
@@ -310,7 +319,8 @@ def test_compiled_decode_step_matches_eager(checkpoints: dict, quantize: str | N
     assert not counters["graph_break"], dict(counters["graph_break"])
     if kernels.available():
         assert calls["_decode_attention"] > 0
-        assert calls["_linear_int8"] > 0 if quantize else calls["_linear_int8"] == 0
+        assert calls["_linear_int8"] > 0 if quantize == "int8" else calls["_linear_int8"] == 0
+        assert calls["_linear_packed"] > 0 if packed else calls["_linear_packed"] == 0
 
 
 def test_decode_falls_back_to_eager_when_the_compiler_fails(checkpoints: dict, monkeypatch: pytest.MonkeyPatch,

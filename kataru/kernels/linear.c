@@ -2,7 +2,8 @@
  * weights w [N, K] stored as bf16 or fp16, as int8 with one scale per output row, or as 4-bit groups with a
  * scale and a minimum each. bf16 and fp16 serve decoding (M small: the rows of a decode batch; prefill
  * converts to torch's float32 GEMM); the integer kernels serve prefill too, where they beat dequantizing into
- * that GEMM.
+ * that GEMM. bf16 weights repacked in panels of 16 rows (linear_packed, at the end) serve every M: a GEMM's
+ * register blocking, each weight converted once per six rows.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
  * and how few instructions each weight costs. A weight row (or tile of 8 rows) is read once for up to four
