@@ -330,3 +330,24 @@ def test_attention_and_norm_of_a_decode_step_follow_their_plans(checkpoints: dic
     dispatch.reset()
     kataru.load(folder, dtype="bfloat16").generate("abc", **options)
     assert {"decode_attention", "rms_norm"} <= set(calls)  # the fixed rule runs them
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_step_check_compares_attention_alone_under_quantized_matmuls(quantize: str, checkpoints: dict,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 or 4-bit matmul quantizes its input again, which magnifies the attention kernel's rounding into
+    the block's output: the check runs torch's matmuls around it, so the kernel stays a candidate, and a kernel
+    that is wrong is still refused."""
+    if not kernels.available("attention"):
+        pytest.skip("kataru's kernels do not run here (no C compiler or AVX2)")
+    folder = checkpoints["llama"][0]
+    monkeypatch.setenv("KATARU_DISPATCH", "measure")
+    dispatch.reset()
+    llm = kataru.load(folder, dtype="bfloat16", quantize=quantize)
+    assert all("kernel" in times for times in dispatch.plans_for(llm.model)["attention-bf16"].ms.values())
+    original = kernels._decode_attention
+    monkeypatch.setattr(kernels, "_decode_attention", lambda *args: original(*args) * 1.25)
+    dispatch.reset()
+    llm = kataru.load(folder, dtype="bfloat16", quantize=quantize)
+    assert all(set(times) == {"torch"} for times in dispatch.plans_for(llm.model)["attention-bf16"].ms.values())
+
