@@ -271,7 +271,8 @@ def quantize(model: nn.Module, method: str, group_size: int = 64, inplace: bool 
     if model.tok_embeddings.weight.dtype == torch.float16 and method == "int8":  # type: ignore[union-attr]
         raise KataruError("int8 runs with bfloat16 or float32 activations; load the model with dtype bfloat16")
     if not inplace:  # a copy sharing every tensor: nothing is copied until a linear is replaced
-        memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        packed = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
+        memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers(), *packed]}
         model = copy.deepcopy(model, memo)
 
     def convert(linear: nn.Linear) -> nn.Module:
