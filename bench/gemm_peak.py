@@ -19,6 +19,7 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,25 +29,25 @@ from kataru.config import ModelConfig
 from kataru.shapes import shape_config
 
 
-def gemm_rate(rows: int, inner: int, outer: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
-    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
-    a @ b
+def rate(matmul: Callable[[], object], flops: int, seconds: float = 3.0) -> float:
+    """FLOP/s of repeated calls of `matmul` (after one warm-up call) for `seconds`."""
+    matmul()
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        matmul()
         calls += 1
-    return 2 * rows * inner * outer * calls / (time.perf_counter() - start)
+    return flops * calls / (time.perf_counter() - start)
+
+
+def gemm_rate(rows: int, inner: int, outer: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
+    return rate(lambda: a @ b, 2 * rows * inner * outer, seconds)
 
 
 def packed_rate(rows: int, inner: int, outer: int, seconds: float = 3.0) -> float:
     packed = kernels.pack_bf16(torch.randn(outer, inner).bfloat16())
     x = torch.randn(rows, inner).bfloat16()
-    kernels.linear_packed(x, packed)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        kernels.linear_packed(x, packed)
-        calls += 1
-    return 2 * rows * inner * outer * calls / (time.perf_counter() - start)
+    return rate(lambda: kernels.linear_packed(x, packed), 2 * rows * inner * outer, seconds)
 
 
 FMA_LOOP = r"""
