@@ -52,7 +52,7 @@ INVARIANT = frozenset({*kernels.PATHS, "packed"})  # each kernel gives a row the
 LAYOUTS = frozenset({"packed"})  # paths that read the weight stored another way: taken everywhere or nowhere
 INVARIANCE_COST = 0.10  # one decode path for every bucket when it is at most this much slower in each
 TOLERANCE = 0.02  # relative error (Frobenius) against float64 that a path may have; the kernels' bounds are tighter
-VERSION = 3  # 2: the AVX-512 kernel build is a candidate; 3: the packed bf16 layout
+VERSION = 4  # 2: the AVX-512 kernel build is a candidate; 3: the packed bf16 layout; 4: its kernel prefetches
 HEAD_ROWS = 32000  # wider layers are vocabulary heads: timed only when the model has nothing else of the kind
 
 

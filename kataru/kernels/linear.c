@@ -515,17 +515,20 @@ static inline __attribute__((always_inline)) void linear_tiled(const float *x, c
  * the 32-bit lane i of a panel's step k holding row i's weight k in its low and row i + 8's in its high half.
  * A shift and an AND make float32 vectors of the 8 + 8 rows' weights at k, and each meets the values x[m, k] of
  * MR input rows broadcast, so a weight is converted once per MR rows and read from memory once per call (a
- * chunk of PK steps of one or two panels stays in L1 while every group of rows passes over it). Every output is
- * one chain of FMAs in k order, whatever the number of rows, their grouping or the thread: a row gets the same
- * bits alone or batched. */
+ * chunk of PK steps of one or two panels stays in L1 while every group of rows passes over it). The last group
+ * over a chunk also asks for the panel's next chunk (one cache line every two steps): the first group would
+ * otherwise wait on memory while the others compute from L1 (measured: +8-16% at 16-128 rows, the same at 1
+ * and 8). Every output is one chain of FMAs in k order, whatever the number of rows, their grouping or the
+ * thread: a row gets the same bits alone or batched. */
 #ifndef PK
 #define PK 512
 #endif
 
-/* MR input rows against NP panels from column n, steps [k0, k1) (y holds the sums of the steps before k0) */
+/* MR input rows against NP panels from column n, steps [k0, k1) (y holds the sums of the steps before k0);
+ * AHEAD: prefetch the chunk after this one */
 static inline __attribute__((always_inline)) void panel(const float *x, const uint16_t *p, float *y, int64_t K,
                                                         int64_t N, int64_t n, int64_t k0, int64_t k1, const int MR,
-                                                        const int NP) {
+                                                        const int NP, const int AHEAD) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000);
     __m256 lo[6][2], hi[6][2]; /* sums of the panel's rows 0-7 and 8-15 */
     for (int m = 0; m < MR; m++)
@@ -538,6 +541,8 @@ static inline __attribute__((always_inline)) void panel(const float *x, const ui
     for (int64_t k = k0; k < k1; k++)
         for (int j = 0; j < NP; j++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + (j * K + k) * 16));
+            if (AHEAD && !(k & 1)) /* past the panel's end: the next panel's start, never a fault */
+                _mm_prefetch((const char *)(w + (j * K + k + PK) * 16), _MM_HINT_T0);
             __m256 wl = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             __m256 wh = _mm256_castsi256_ps(_mm256_and_si256(v, high));
             for (int m = 0; m < MR; m++) {
@@ -556,8 +561,10 @@ static inline __attribute__((always_inline)) void panel(const float *x, const ui
 /* a group of mr <= 6 rows against panels [q, q + np) (np <= 2): up to 12 accumulators, so that enough
  * independent FMA chains hide their latency (three rows or fewer take two panels at once) */
 static inline void panel_group(const float *x, const uint16_t *p, float *y, int64_t K, int64_t N, int64_t q,
-                               int np, int64_t k0, int64_t k1, int mr) {
-#define P(MR_, NP_) panel(x, p, y, K, N, (q + j) * 16, k0, k1, MR_, NP_)
+                               int np, int64_t k0, int64_t k1, int mr, int ahead) {
+#define P(MR_, NP_)                                                  \
+    (ahead ? panel(x, p, y, K, N, (q + j) * 16, k0, k1, MR_, NP_, 1) \
+           : panel(x, p, y, K, N, (q + j) * 16, k0, k1, MR_, NP_, 0))
     if (mr <= 2 && np == 2) {
         const int64_t j = 0;
         if (mr == 1)
@@ -589,7 +596,7 @@ static void linear_packed(const float *x, const uint16_t *p, float *y, int64_t M
                 int64_t k1 = k0 + PK < K ? k0 + PK : K;
                 for (int64_t g = 0, m0 = 0; g < groups; g++) {
                     int mr = (int)(M / groups + (g < M % groups));
-                    panel_group(x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr);
+                    panel_group(x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr, g == groups - 1);
                     m0 += mr;
                 }
             }
