@@ -6,7 +6,7 @@ weight it passes (the output head only for generated ones). This prints the FLOP
 the FLOP/s that 1.5x llama-server's tokens/s would need, and, on matmuls of the model's shape with as many
 rows as a decode step (8, 32) or a prompt chunk (128, 512) has: torch's own float32 and bf16 GEMM and
 kataru's packed bf16 kernel; then the ceiling of them all, the float32 FMA throughput of every core (12
-independent 8-wide FMA chains per thread, compiled with the system's C compiler).
+independent 8-wide FMA chains per thread, built as kataru's kernels are).
 
 usage: .venv/bin/python bench/gemm_peak.py docs/bench-serve-bf16.json [--folder /tmp/kataru-llamacpp/hf]
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,18 +73,17 @@ double fma_peak(long steps, int threads) {
 def fma_peak(seconds: float = 2.0) -> float:
     """FLOP/s of independent float32 FMAs on every thread torch uses: no matmul can go faster."""
     with tempfile.TemporaryDirectory() as tmp:
-        source, library = Path(tmp) / "peak.c", Path(tmp) / "peak.so"
+        source = Path(tmp) / "fma_peak.c"
         source.write_text(FMA_LOOP)
-        subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", str(source), "-o",
-                        str(library)], check=True)
-        peak = ctypes.CDLL(str(library)).fma_peak
-        peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
-        steps, best = 1 << 20, 0.0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            best = max(best, peak(steps, torch.get_num_threads()) / (time.perf_counter() - t))
-        return best
+        library = kernels.build((source,))  # the kernels' compiler ($CC) and flags, cached like them
+    peak = ctypes.CDLL(str(library)).fma_peak
+    peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
+    steps, best = 1 << 20, 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        best = max(best, peak(steps, torch.get_num_threads()) / (time.perf_counter() - t))
+    return best
 
 
 def main() -> None:
@@ -113,8 +111,8 @@ def main() -> None:
     print(f"  torch bfloat16 GEMM 128x{config.dim}x{config.intermediate_size}: {bf16 / 1e9:6.1f} GFLOP/s")
     if kernels.available():
         for rows in (8, 32, 128):
-            rate = packed_rate(rows, config.dim, config.intermediate_size)
-            print(f"  kataru packed bf16 {rows}x{config.dim}x{config.intermediate_size}: {rate / 1e9:6.1f} GFLOP/s")
+            packed = packed_rate(rows, config.dim, config.intermediate_size)
+            print(f"  kataru packed bf16 {rows}x{config.dim}x{config.intermediate_size}: {packed / 1e9:6.1f} GFLOP/s")
     peak = fma_peak()
     print(f"  float32 FMA throughput ({torch.get_num_threads()} threads): {peak / 1e9:6.1f} GFLOP/s")
     for concurrency in sorted({r["concurrency"] for r in report["runs"]}):

@@ -517,9 +517,9 @@ static inline __attribute__((always_inline)) void linear_tiled(const float *x, c
  * MR input rows broadcast, so a weight is converted once per MR rows and read from memory once per call (a
  * chunk of PK steps of one or two panels stays in L1 while every group of rows passes over it). The last group
  * over a chunk also asks for the panel's next chunk (one cache line every two steps): the first group would
- * otherwise wait on memory while the others compute from L1 (measured: +8-16% at 16-128 rows, the same at 1
- * and 8). Every output is one chain of FMAs in k order, whatever the number of rows, their grouping or the
- * thread: a row gets the same bits alone or batched. */
+ * otherwise wait on memory while the others compute from L1 (paired runs: +6-17% at 16-128 rows, no clear
+ * change at 1 and 8). Every output is one chain of FMAs in k order, whatever the number of rows, their grouping
+ * or the thread: a row gets the same bits alone or batched. */
 #ifndef PK
 #define PK 512
 #endif
