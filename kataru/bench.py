@@ -24,7 +24,7 @@ from kataru.charts import pyplot
 from kataru.config import ModelConfig
 from kataru.engine import Engine
 from kataru.errors import KataruError
-from kataru.model import Transformer, dense_weights
+from kataru.model import Transformer, dense_weights, weight_bytes
 from kataru.quantize import quantize as quantize_model
 from kataru.runtime import dtype_name, resolve_device, resolve_dtype
 from kataru.sampling import SamplingParams
@@ -273,12 +273,12 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
     bandwidth = memory_bandwidth_gbs(device=device)  # first: its buffer is gone before the model counts to peaks
     setup = build(target, dtype, layers, compare == "transformers", device, prompt_len, new_tokens, context)
     model, config = setup.model, setup.model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before a plan packs any
+    held = weight_bytes(model)  # a loaded checkpoint may hold some weights only as panels already
     plans = dispatch.prepare(model, progress) if torch.device(device).type == "cpu" else {}
     # a decode step reads every weight except the embedding table (only one row of it)
-    step_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    step_bytes = held - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     if config.tie_embeddings:
-        step_bytes = weight_bytes
+        step_bytes = held
     roofline = bandwidth * 1e9 / step_bytes
     results = run_rounds(contestants(setup, quantize or [], compile), rounds, progress)
     for r in results:  # the roofline is that of the unquantized weights
@@ -286,7 +286,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
         r.roofline_fraction = None if quantized else r.decode_b1_tok_s / roofline
     report: dict[str, Any] = {
         "target": target, "family": config.family, "dtype": dtype_name(model.tok_embeddings.weight.dtype),
-        "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": weight_bytes / 1e9,
+        "layers": config.n_layer, "parameters": config.num_parameters(), "weight_gb": held / 1e9,
         "prompt_tokens": setup.prompt_len, "new_tokens": new_tokens, "decode_context": setup.context,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth, "roofline_decode_tok_s": roofline, "peak_rss_gb": peak_rss_bytes() / 1e9,

@@ -133,6 +133,14 @@ class Linear(nn.Linear):
             destination[prefix + "weight"] = self.dense_weight()
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as it holds them: parameters, and the panels of a `Linear` that keeps only
+    those (its [out, in] parameter is then empty)."""
+    panels = sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
+                 if isinstance(m, Linear) and not m.dense and m.packed is not None)
+    return panels + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 @contextmanager
 def dense_weights(model: nn.Module) -> Iterator[None]:
     """Inside the block, every `Linear` that keeps only its panels holds [out, in] instead (for torch's paths,

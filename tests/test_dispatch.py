@@ -15,7 +15,7 @@ from torch import nn
 
 import kataru
 from kataru import dispatch, kernels
-from kataru.model import Linear, dense_weights
+from kataru.model import Linear, dense_weights, weight_bytes
 from kataru.quantize import Int4Linear, Int8Linear
 from kataru.sampling import SamplingParams
 
@@ -120,8 +120,10 @@ def test_a_plan_that_runs_packed_keeps_only_the_panels(plans_here: Path) -> None
     x = torch.randn(5, 128).bfloat16()
     before = [kernels.linear_half(x, w) for w in weights]
     int8 = Int8Linear.from_linear(layers[0])
+    held = weight_bytes(model)
     dispatch.prepare(model)
     assert [m.dense for m in model.layers] == [False, False, True, True]
+    assert weight_bytes(model) == held  # the panels count as the weights they replace (`kataru bench`'s roofline)
     assert layers[0].packed is not None and layers[2].packed is None
     assert all(dispatch.choose(m, x) == "packed" for m in layers[:2])
     assert dispatch.choose(layers[2], x) != "packed"  # 40 rows: no panels; the kind's fixed rule
