@@ -386,7 +386,7 @@ def test_bench_serve_loads_a_server_on_loopback_only(live: Process, capsys: pyte
     for run in report["runs"]:
         assert run["requests"] == 3 and run["failed"] == 0 and run["output_tokens"] == 15
         assert run["output_tok_s"] > 0 and run["ttft_p50_s"] <= run["ttft_p99_s"]
-        assert run["itl_p50_s"] is not None
+        assert run["itl_p50_s"] is not None and run["bandwidth_gbs"] > 0
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert main(["bench", "serve", "--url", "http://10.1.2.3:8000"]) == 2
     assert "only loads servers on this machine" in capsys.readouterr().err

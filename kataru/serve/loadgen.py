@@ -166,15 +166,20 @@ def bench_serve(url: str, concurrency: list[int], requests: int, seconds: float,
                 llama_server: Path | None = None, gguf: Path | None = None, threads: int = 2,
                 rounds: int = 1) -> dict[str, Any]:
     """Every concurrency against kataru's server at `url` (running already), then, with llama_server and
-    gguf, against llama.cpp's server started here; rounds take turns between the two."""
+    gguf, against llama.cpp's server started here; rounds take turns between the two. Each run records the
+    memory's read bandwidth just before it (this machine's swings by up to 2x between hours, and the servers'
+    ratio with it: a decode step at 8 rows streams every weight while the FMA units are busy)."""
+    from kataru.bench import memory_bandwidth_gbs
+
     url = check_loopback(url)
     wait_ready(url)
     runs: list[dict[str, Any]] = []
     for _ in range(rounds):
         for c in concurrency:
             n = max(requests, c)
-            runs.append(asyncio.run(load(url, c, n, seconds, prompt_tokens, output_tokens, vocab, model, api_key,
-                                         "kataru")).summary())
+            bandwidth = memory_bandwidth_gbs(megabytes=256, repeats=3)
+            run = asyncio.run(load(url, c, n, seconds, prompt_tokens, output_tokens, vocab, model, api_key, "kataru"))
+            runs.append({**run.summary(), "bandwidth_gbs": bandwidth})
             if llama_server is not None and gguf is not None:
                 port = urlparse(url).port or 8000
                 other = f"http://127.0.0.1:{port + 1}"
@@ -182,8 +187,10 @@ def bench_serve(url: str, concurrency: list[int], requests: int, seconds: float,
                                              threads)
                 try:
                     wait_ready(other)
-                    runs.append(asyncio.run(load(other, c, n, seconds, prompt_tokens, output_tokens, vocab, None,
-                                                 None, "llama-server")).summary())
+                    bandwidth = memory_bandwidth_gbs(megabytes=256, repeats=3)
+                    run = asyncio.run(load(other, c, n, seconds, prompt_tokens, output_tokens, vocab, None, None,
+                                           "llama-server"))
+                    runs.append({**run.summary(), "bandwidth_gbs": bandwidth})
                 finally:
                     process.terminate()
                     process.wait(60)
@@ -215,7 +222,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['url']}: {report['prompt_tokens']}-token prompts, {report['output_tokens']} new tokens each"
              + (f", medians of {report['rounds']} rounds" if report.get("rounds", 1) > 1 else ""),
              f"{'server':<14}{'streams':>8}{'req':>6}{'fail':>5}{'out tok/s':>11}{'req/s':>8}{'TTFT p50':>10}"
-             f"{'p90':>8}{'p99':>8}{'ITL p50':>9}{'p90':>8}{'p99':>8}"]
+             f"{'p90':>8}{'p99':>8}{'ITL p50':>9}{'p90':>8}{'p99':>8}{'mem GB/s':>10}"]
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{1000 * v:.0f}"
@@ -224,8 +231,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['server']:<14}{r['concurrency']:>8}{r['requests']:>6.0f}{r['failed']:>5.0f}"
                      f"{r['output_tok_s']:>11.1f}{r['requests_s']:>8.2f}{ms(r['ttft_p50_s']):>10}"
                      f"{ms(r['ttft_p90_s']):>8}{ms(r['ttft_p99_s']):>8}{ms(r['itl_p50_s']):>9}"
-                     f"{ms(r['itl_p90_s']):>8}{ms(r['itl_p99_s']):>8}")
-    lines.append("(TTFT and ITL in ms)")
+                     f"{ms(r['itl_p90_s']):>8}{ms(r['itl_p99_s']):>8}{r.get('bandwidth_gbs', 0):>10.1f}")
+    lines.append("(TTFT and ITL in ms; mem GB/s: the memory's read bandwidth measured just before the run)")
     for r in report["runs"]:
         for error in r.get("errors") or []:
             lines.append(f"{r['server']} at {r['concurrency']} streams, a request failed: {error}")
