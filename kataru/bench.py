@@ -327,11 +327,13 @@ def format_plan(report: dict[str, Any]) -> str:
     if not report["plan"]:
         lines.append("no plan: float32 weights, or KATARU_DISPATCH is kernels or torch (the fixed rules)")
         return "\n".join(lines)
-    header = f"{'kind':<16}{'shape':<15}{'rows':>5}  {'candidates, ms per call':<66}{'runs':<15}{'invariant':<15}"
+    times = ["  ".join(f"{path} {ms:.3f}" for path, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]))
+             for row in report["plan"]]
+    width = max(66, *(len(t) + 2 for t in times))  # every candidate listed, the columns after them aligned
+    header = f"{'kind':<16}{'shape':<15}{'rows':>5}  {'candidates, ms per call':<{width}}{'runs':<15}{'invariant':<15}"
     lines += [header, "-" * len(header)]
-    for row in report["plan"]:
-        times = "  ".join(f"{path} {ms:.3f}" for path, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]))
-        lines.append(f"{row['kind']:<16}{row['shape']:<15}{row['rows']:>5}  {times:<66}{row['runs'] or '-':<15}"
+    for row, listed in zip(report["plan"], times, strict=True):
+        lines.append(f"{row['kind']:<16}{row['shape']:<15}{row['rows']:>5}  {listed:<{width}}{row['runs'] or '-':<15}"
                      f"{row['batch_invariant'] or '-':<15}")
     return "\n".join(lines)
 

@@ -48,11 +48,13 @@ BUCKETS = ("1", "2-8", "9-64", "prompt")
 DECODE = BUCKETS[:3]
 ROWS = {"1": 1, "2-8": 8, "9-64": 32, "prompt": 128}  # the rows each bucket is timed with (prompt: a chunk)
 MODES = ("cached", "measure", "kernels", "torch")
-INVARIANT = frozenset({*kernels.PATHS, "packed"})  # each kernel gives a row the same bits in any batch; torch nothing
-LAYOUTS = frozenset({"packed"})  # paths that read the weight stored another way: taken everywhere or nowhere
+INVARIANT = frozenset({*kernels.PATHS, *kernels.PACKED_PATHS})  # each kernel: a row's bits in any batch; torch nothing
+# paths that read the weight stored another way (one layout, its builds): taken everywhere or nowhere
+LAYOUT = frozenset(kernels.PACKED_PATHS)
 INVARIANCE_COST = 0.10  # one decode path for every bucket when it is at most this much slower in each
 TOLERANCE = 0.02  # relative error (Frobenius) against float64 that a path may have; the kernels' bounds are tighter
-VERSION = 4  # 2: the AVX-512 kernel build is a candidate; 3: the packed bf16 layout; 4: its kernel prefetches
+VERSION = 5  # 2: the AVX-512 kernel build is a candidate; 3: the packed bf16 layout; 4: its kernel prefetches;
+# 5: the packed layout's AVX-512 build (vdpbf16ps)
 HEAD_ROWS = 32000  # wider layers are vocabulary heads: timed only when the model has nothing else of the kind
 
 
@@ -96,20 +98,18 @@ class Plan:
                 self.uniform.update(dict.fromkeys(DECODE, one))
 
     def _layout_ms(self) -> dict[str, dict[str, float]]:
-        """The times of the paths of one weight layout: a layout path (packed) for every bucket when its summed
-        slowdown over the buckets is less than the other paths' best, else none of it (one copy of a weight)."""
+        """The times of the paths of one weight layout: the packed paths (the layout's best per bucket) for
+        every bucket when their summed slowdown over the buckets is less than the other paths' best, else none
+        of them (one copy of a weight)."""
         ms = {b: times for b, times in self.ms.items() if times}
-        for path in LAYOUTS:
-            if not any(path in times for times in ms.values()):
-                continue
-            best = {b: min(times.values()) for b, times in ms.items()}
-            others = {b: min((t for p, t in times.items() if p != path), default=float("inf"))
-                      for b, times in ms.items()}
-            if all(path in times for times in ms.values()) and \
-                    sum(ms[b][path] / best[b] for b in ms) < sum(others[b] / best[b] for b in ms):
-                return {b: {path: times[path]} for b, times in ms.items()}
-            ms = {b: {p: t for p, t in times.items() if p != path} for b, times in ms.items()}
-        return ms
+        if not any(LAYOUT & set(times) for times in ms.values()):
+            return ms
+        best = {b: min(times.values()) for b, times in ms.items()}
+        ours = {b: min((t for p, t in times.items() if p in LAYOUT), default=float("inf")) for b, times in ms.items()}
+        others = {b: min((t for p, t in times.items() if p not in LAYOUT), default=float("inf"))
+                  for b, times in ms.items()}
+        keep = LAYOUT if sum(ours[b] / best[b] for b in ms) < sum(others[b] / best[b] for b in ms) else set()
+        return {b: {p: t for p, t in times.items() if (p in LAYOUT) == bool(keep)} for b, times in ms.items()}
 
     def paths_used(self) -> set[str]:
         return set(self.mixed.values()) | set(self.uniform.values())

@@ -41,9 +41,10 @@ class Linear(nn.Linear):
     - "kernel" (and "kernel-avx512", its AVX-512 build): `kataru.kernels` streams the 16-bit weights once for
       all rows of a decode batch, where torch's time grows with every row on AVX2 without native bf16;
     - "packed" (bf16): the weight stored in panels of 16 rows (`kernels.pack_bf16`), which the kernel converts
-      once for up to six rows and sums like a GEMM: faster from a few rows up to prompts. A layer keeps one
-      layout: once a plan runs "packed" at every row count, `settle` drops the [out, in] copy (the other
-      paths, `dense_weight` and the state dict unpack the panels);
+      once for up to six rows and sums like a GEMM: faster from a few rows up to prompts; "packed-avx512" reads
+      the same panels in the AVX-512 build, with AVX512-BF16 two products per lane and instruction, no
+      conversion. A layer keeps one layout: once a plan runs the panels at every row count, `settle` drops
+      the [out, in] copy (the other paths, `dense_weight` and the state dict unpack the panels);
     - "upcast": the float32 GEMM on the weight converted a tile at a time (`upcast_matmul`): on AVX2, prompts
       go 6x faster than torch's bf16 GEMM (a 512-token prefill of the llm-jp-3.1-1.8b shape measured 7 tok/s);
     - "torch": torch's own 16-bit matmul, which oneDNN runs on AMX or AVX512-BF16 where the CPU has them.
@@ -53,7 +54,7 @@ class Linear(nn.Linear):
     """
 
     upcast_rows = 32
-    paths = (*kernels.PATHS, "packed", "upcast", "torch")
+    paths = (*kernels.PATHS, *kernels.PACKED_PATHS, "upcast", "torch")
     packed: Tensor | None = None  # the weight in panels, made by the first "packed" call
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,27 +88,28 @@ class Linear(nn.Linear):
         return self.packed
 
     def settle(self, paths: set[str], shared: bool) -> None:
-        """Keep the layout the plan's `paths` read: only the panels when it runs "packed" alone (unless the
+        """Keep the layout the plan's `paths` read: only the panels when it runs packed paths alone (unless the
         weight is shared, as a tied output head's with the embeddings), else only [out, in]."""
-        if paths == {"packed"} and not shared and self.dense and self.can_pack:
+        if paths and paths <= set(kernels.PACKED_PATHS) and not shared and self.dense and self.can_pack:
             self.packed_weight()
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
-        elif "packed" not in paths and self.dense:
+        elif not paths & set(kernels.PACKED_PATHS) and self.dense:
             self.packed = None
 
     def can_run(self, path: str, x: Tensor) -> bool:
-        if path == "packed":  # packs the weight the first time (before a plan times the path)
+        if path in kernels.PACKED_PATHS:  # packs the weight the first time (before a plan times the path)
+            isa = kernels.PACKED_PATHS[path]
             if (self.dense and not self.can_pack) or (torch.is_grad_enabled() and self.weight.requires_grad) or \
-                    not kernels.available():
+                    not kernels.available("linear", isa):
                 return False
-            return kernels.usable(x, self.packed_weight())
+            return kernels.usable(x, self.packed_weight(), isa=isa)
         if path in kernels.PATHS:
             return self.dense and kernels.usable(x, self.weight, isa=kernels.PATHS[path])
         return True
 
     def run(self, path: str, x: Tensor) -> Tensor:
-        if path == "packed":
-            return kernels.linear_packed(x, self.packed_weight(), self.bias)
+        if path in kernels.PACKED_PATHS:
+            return kernels.linear_packed(x, self.packed_weight(), self.bias, kernels.PACKED_PATHS[path])
         if path in kernels.PATHS:
             return kernels.linear_half(x, self.weight, self.bias, kernels.PATHS[path])
         if path == "upcast":
@@ -116,7 +118,7 @@ class Linear(nn.Linear):
 
     def default_path(self, x: Tensor, rows: int) -> str:
         if not self.dense:  # (torch's matmul unpacks the panels per call: only where the kernels were switched off)
-            return "packed" if self.can_run("packed", x) else "torch"
+            return next((p for p in reversed(kernels.PACKED_PATHS) if self.can_run(p, x)), "torch")
         if rows >= self.upcast_rows:
             return "upcast"
         return kernels.best_path(x, self.weight) or "torch"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -52,8 +53,10 @@ class Cluster:
     def __init__(self) -> None:
         self.temp = tempfile.mkdtemp(prefix="kray-", dir="/tmp")  # short: Ray's socket paths have a length limit
         ray_port = free_port()
-        # `ray start` turns on token authentication; the drivers that join must use it too
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+        # token authentication, with a token of this cluster's own for the head and the drivers that join (`ray
+        # start` makes none: without one in ~/.ray from an earlier run it refuses to start)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         ray = Path(sys.executable).with_name("ray")
         self.head = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                                       "--port", str(ray_port), "--num-cpus", "4", "--include-dashboard", "false",

@@ -67,7 +67,8 @@ def test_the_planner_keeps_the_faster_path(monkeypatch: pytest.MonkeyPatch) -> N
     layout = plain._layout_ms()  # the paths of the one weight layout the plan keeps
     for b in plain.ms:
         assert plain.mixed[b] == min(layout[b], key=layout[b].get)
-    assert "packed" not in plain.paths_used() or plain.paths_used() == {"packed"}
+    packed = set(kernels.PACKED_PATHS)
+    assert not plain.paths_used() & packed or plain.paths_used() <= packed
     assert "upcast" not in plain.ms["1"]  # converting the whole weight for one row is never a candidate
 
 
@@ -84,6 +85,26 @@ def test_the_packed_layout_is_kept_for_every_bucket_or_for_none() -> None:
     plan = dispatch.Plan("bf16:8x8", loses)
     assert plan.mixed == {"1": "kernel", "2-8": "kernel", "9-64": "upcast", "prompt": "upcast"}
     assert "packed" not in plan.paths_used()
+
+
+def test_the_packed_layouts_builds_count_as_one_layout() -> None:
+    """Both builds of the packed kernel read the same panels: the layout is judged by its best build per
+    bucket, the plan may mix the builds across buckets, and batch invariance takes one build for every decode
+    bucket."""
+    ms = {"1": {"kernel": 1.0, "packed": 1.3, "packed-avx512": 1.1},
+          "2-8": {"kernel": 2.0, "packed": 1.6, "packed-avx512": 0.8},
+          "9-64": {"kernel": 4.0, "upcast": 3.0, "packed": 2.5, "packed-avx512": 1.0},
+          "prompt": {"upcast": 10.0, "torch": 4.0, "packed": 9.0, "packed-avx512": 4.2}}
+    plan = dispatch.Plan("bf16:8x8", ms)
+    # the layout's best per bucket sums to 4.15 slowdowns against the dense paths' 7.5
+    assert plan.mixed == {"1": "packed-avx512", "2-8": "packed-avx512", "9-64": "packed-avx512",
+                          "prompt": "packed-avx512"}
+    assert plan.paths_used() == {"packed-avx512"}
+    mixed = {b: {"packed": t["packed"], "packed-avx512": t["packed-avx512"]} for b, t in ms.items()}
+    mixed["1"] = {"packed": 0.5, "packed-avx512": 1.0}
+    plan = dispatch.Plan("bf16:8x8", mixed)
+    assert plan.mixed["1"] == "packed" and plan.mixed["2-8"] == "packed-avx512"
+    assert [plan.path(b, True) for b in dispatch.DECODE] == ["packed-avx512"] * 3  # 2 + 1 + 1 against 1 + 2 + 2.5
 
 
 def test_one_kernel_build_serves_every_decode_bucket_when_invariance_is_asked() -> None:
@@ -225,13 +246,13 @@ def test_every_path_a_plan_can_pick_is_within_the_kernels_bounds(name: str, laye
         assert not dispatch.agrees(layer, layer.default_path(x, rows), x.roll(1, dims=-1), exact, bound)
     missing = set(layer.paths) - ran
     if name == "fp16":
-        assert "packed" in missing  # the packed layout is for bf16 weights
-        missing.discard("packed")
+        assert set(kernels.PACKED_PATHS) <= missing  # the packed layout is for bf16 weights
+        missing -= set(kernels.PACKED_PATHS)
     if "int8" in name and layer.plan_shape[1] % 8:
         assert "torch" in missing  # torch 2.13's int8 kernel crashes on such widths: never a candidate
         missing.discard("torch")
-    unbuilt = {path for path in missing if (path in kernels.PATHS and not kernels.available(isa=kernels.PATHS[path]))
-               or (path == "packed" and not kernels.available())}
+    builds = {**kernels.PATHS, **kernels.PACKED_PATHS}
+    unbuilt = {path for path in missing if path in builds and not kernels.available(isa=builds[path])}
     assert missing == unbuilt, missing  # every path ran but the kernel builds this CPU cannot run
     if "kernel" in unbuilt:
         pytest.skip(f"{name}: kataru's kernels do not run here (no C compiler or AVX2); the torch paths passed")

@@ -178,6 +178,29 @@ def test_the_bf16_build_sums_x_rounded_to_bf16_by_vdpbf16ps(bf16_program: Path, 
     assert torch.equal(alone.double(), got[3:4])
 
 
+@needs_emulator
+@pytest.mark.parametrize("k", [256, 269, 1])  # pairs of steps only; then an odd last step (and a rounding tail)
+def test_the_bf16_build_sums_packed_panels_by_vdpbf16ps(bf16_program: Path, k: int) -> None:
+    """The packed layout in the BF16 build: each pair of a panel's steps is one vdpbf16ps per input row (the
+    odd K's last step paired with zeros), the input rounded to bf16 as torch rounds it (16 at a time, then
+    the tail), the result within float32 sums of that, the same bits alone as batched."""
+    n, rows = 48, 5
+    w, x = (rows_of(n, k, 1) * 0.1).bfloat16(), rows_of(rows, k, 2)
+    packed = kernels.pack_bf16(w)
+    machine = emulated.Machine(bf16_program)
+    got = machine.linear("kataru_linear_bf16_packed", [x, packed], [rows, k, n], torch.empty(rows, n),
+                         lacking=True).double()
+    assert machine.done.get("vdpbf16ps", 0) == rows * (n // 16) * ((k + 1) // 2)
+    xr = x.bfloat16().double()
+    exact = xr @ w.double().t()
+    assert ((got - exact).abs() <= k * 2**-24 * (xr.abs() @ w.double().abs().t()) * 1.01).all()
+    alone = emulated.Machine(bf16_program).linear("kataru_linear_bf16_packed", [x[3:4], packed], [1, k, n],
+                                                  torch.empty(1, n), lacking=True)
+    assert torch.equal(alone.double(), got[3:4])
+    if "avx512_bf16" in kernels.cpu_flags() and kernels.available(isa="avx512"):  # Intel's definition, this CPU
+        assert torch.equal(got.float(), kernels.linear_packed(x, packed, isa="avx512"))
+
+
 @pytest.mark.skipif(not kernels.available(isa="avx512"),
                     reason=f"this CPU lacks AVX-512 (F, BW, VL and DQ), has "
                            f"{' '.join(sorted(f for f in kernels.cpu_flags() if f.startswith('avx'))) or 'no AVX'}; "
@@ -200,6 +223,12 @@ def test_the_avx512_build_on_this_cpu() -> None:
     assert ((got - exact).abs() <= k * 2**-24 * (xr.double().abs() @ w.double().abs().t()) * 1.01).all()
     layer = Linear(k, n).bfloat16().requires_grad_(False)
     assert layer.default_path(x.bfloat16(), 1) == "kernel-avx512"  # cpuid's choice without a plan
+    packed = kernels.pack_bf16(w)  # the packed layout's AVX-512 build: within float32 sums, batch invariant
+    got = kernels.linear_packed(x, packed, isa="avx512")
+    assert ((got.double() - exact).abs() <= k * 2**-24 * (xr.double().abs() @ w.double().abs().t()) * 1.01).all()
+    assert torch.equal(torch.cat([kernels.linear_packed(x[i:i + 1], packed, isa="avx512") for i in range(6)]), got)
+    assert torch.equal(kernels.linear_packed(x.bfloat16(), packed, isa="avx512"), got.bfloat16()) == \
+        ("avx512_bf16" in kernels.cpu_flags())  # with BF16 a bf16 input is the float32 one rounded first
 
 
 def test_the_build_is_chosen_by_cpuid(monkeypatch: pytest.MonkeyPatch) -> None:

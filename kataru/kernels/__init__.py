@@ -44,6 +44,8 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-
 AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 ISAS = ("avx2", "avx512")  # the builds: every kernel with AVX2; the matmuls again with AVX-512
 PATHS = {"kernel": "avx2", "kernel-avx512": "avx512"}  # the layers' kernel paths (`kataru.dispatch`) and their build
+# the packed bf16 layout's paths and their build (with AVX512-BF16, the AVX-512 one sums by vdpbf16ps)
+PACKED_PATHS = {"packed": "avx2", "packed-avx512": "avx512"}
 
 ACTIVATIONS = (torch.float32, torch.bfloat16)  # the types the kernels read and write besides their weights
 KINDS = ("linear", "attention", "norm")
@@ -278,11 +280,13 @@ def unpack_bf16(packed: Tensor) -> Tensor:
     return packed.reshape(panels, k, PANEL // 2, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
 
 
-def _linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear with a bf16 CPU weight in `pack_bf16`'s layout: float32 sums, each output one chain of FMAs
-    in input order (the same bits at any row count), one rounding to x's dtype. The caller checks
-    `applicable(packed)` and that no gradient is wanted."""
-    lib = _loaded("linear_packed")
+def _linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None, isa: str = "avx2") -> Tensor:
+    """F.linear with a bf16 CPU weight in `pack_bf16`'s layout: float32 sums, each output one chain in input
+    order (the same bits at any row count), one rounding to x's dtype. The AVX2 build sums float32 FMAs; the
+    AVX-512 build with AVX512-BF16 sums pairs of products by vdpbf16ps, the input rounded to bf16 (without
+    BF16, the AVX2 code in wider registers). The caller checks `applicable(packed, isa=isa)` and that no
+    gradient is wanted."""
+    lib = _loaded("linear_packed", isa)
     panels, k, _ = packed.shape
     rows, y, bias, bf16 = _io(x, panels * PANEL, bias)
     lib.kataru_linear_bf16_packed(rows.data_ptr(), packed.data_ptr(), _pointer(bias), y.data_ptr(), rows.shape[0], k,
@@ -461,8 +465,8 @@ def _define(schema: str, fake: Callable[..., Tensor]) -> None:
 
 _define("linear_half(Tensor x, Tensor weight, Tensor? bias, str isa) -> Tensor",
         lambda x, weight, bias, isa: x.new_empty(*x.shape[:-1], weight.shape[0]))
-_define("linear_packed(Tensor x, Tensor packed, Tensor? bias) -> Tensor",
-        lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * PANEL))
+_define("linear_packed(Tensor x, Tensor packed, Tensor? bias, str isa) -> Tensor",
+        lambda x, packed, bias, isa: x.new_empty(*x.shape[:-1], packed.shape[0] * PANEL))
 _define("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool tiled, str isa) -> Tensor",
         lambda x, weight, scales, bias, tiled, isa: x.new_empty(*x.shape[:-1], scales.shape[0]))
 _define("linear_int4(Tensor x, Tensor packed, Tensor scale_min, int group_size, Tensor? bias, str isa) -> Tensor",
@@ -482,9 +486,9 @@ def linear_half(x: Tensor, weight: Tensor, bias: Tensor | None = None, isa: str 
     return op(x, weight, bias, isa)
 
 
-def linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear_packed(x: Tensor, packed: Tensor, bias: Tensor | None = None, isa: str = "avx2") -> Tensor:
     op = torch.ops.kataru.linear_packed if torch.compiler.is_compiling() else _linear_packed
-    return op(x, packed, bias)
+    return op(x, packed, bias, isa)
 
 
 def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, tiled: bool = False,

@@ -28,7 +28,8 @@
  * the build by cpuid), the hot loops take 512-bit vectors: bf16 and fp16 weights 16 at a time, and the tiled
  * int8 and 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
  * vpmaddubsw + vpmaddwd; int8 with VNNI meets x + 128 and subtracts the weights' sums). With AVX512-BF16, bf16 weights meet the input rows rounded to bf16, 32 at a time by
- * vdpbf16ps (no widening: two products per lane and instruction). Integer sums are exact, so the tiled
+ * vdpbf16ps (no widening: two products per lane and instruction), and so do the packed panels
+ * (linear_packed_dp), two steps at a time. Integer sums are exact, so the tiled
  * kernels give the AVX2 build's bits; the float kernels sum in another order (still the same order for every
  * batch size).
  */
@@ -584,6 +585,118 @@ static inline void panel_group(const float *x, const uint16_t *p, float *y, int6
 #undef P
 }
 
+#ifdef __AVX512BF16__
+/* The same panels with AVX512-BF16 (the AVX-512 build, where the CPU has it): a panel's steps k and k + 1 are
+ * one cache line, which one vpermw turns into the 16 rows' pairs of weights (k, k + 1), each pair in the lane
+ * of its row; vdpbf16ps adds both products of a pair to the row's sum against the input pair (x[m, k],
+ * x[m, k + 1]) in bf16, broadcast. Two products per lane and instruction, no conversion of the weights: twice
+ * the multiply-adds of the float32 FMAs where the CPU runs both at one rate (Zen 4). The input meets the
+ * weights rounded to bf16 (bf16 activations as they are); each output is still one chain in k order, the
+ * same bits at any row count. Groups of up to 8 rows against 2 panels: 16 independent sums. */
+#define DR 8 /* rows per group */
+static const uint16_t PAIRS[32] = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30,
+                                   1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+
+static inline __attribute__((always_inline)) void panel_dp(const uint16_t *xh, const uint16_t *p, float *y, int64_t K,
+                                                           int64_t N, int64_t n, int64_t k0, int64_t k1, const int MR,
+                                                           const int NP, const int AHEAD) {
+    const __m512i order = _mm512_loadu_si512((const void *)PAIRS);
+    __m512 acc[DR][2];
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NP; j++)
+            acc[m][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + m * N + n + 16 * j);
+    const uint16_t *w = p + (n / 16) * K * 16;
+    int64_t k = k0;
+    for (; k + 2 <= k1; k += 2)
+        for (int j = 0; j < NP; j++) {
+            __m512i v = _mm512_loadu_si512((const void *)(w + (j * K + k) * 16));
+            if (AHEAD) _mm_prefetch((const char *)(w + (j * K + k + PK) * 16), _MM_HINT_T0);
+            __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(order, v);
+            for (int m = 0; m < MR; m++) {
+                int32_t pair;
+                memcpy(&pair, xh + m * K + k, sizeof pair);
+                acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_set1_epi32(pair));
+            }
+        }
+    if (k < k1) /* an odd K's last step, paired with zeros */
+        for (int j = 0; j < NP; j++) {
+            __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + (j * K + k) * 16)));
+            __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(order, v);
+            for (int m = 0; m < MR; m++)
+                acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_set1_epi32(xh[m * K + k]));
+        }
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NP; j++) _mm512_storeu_ps(y + m * N + n + 16 * j, acc[m][j]);
+}
+
+static inline void panel_group_dp(const uint16_t *xh, const uint16_t *p, float *y, int64_t K, int64_t N, int64_t q,
+                                  int np, int64_t k0, int64_t k1, int mr, int ahead) {
+#define P(MR_, NP_)                                                      \
+    (ahead ? panel_dp(xh, p, y, K, N, q * 16, k0, k1, MR_, NP_, 1)       \
+           : panel_dp(xh, p, y, K, N, q * 16, k0, k1, MR_, NP_, 0))
+#define BY_ROWS(NP_)                   \
+    switch (mr) {                      \
+        case 1: P(1, NP_); break;      \
+        case 2: P(2, NP_); break;      \
+        case 3: P(3, NP_); break;      \
+        case 4: P(4, NP_); break;      \
+        case 5: P(5, NP_); break;      \
+        case 6: P(6, NP_); break;      \
+        case 7: P(7, NP_); break;      \
+        default: P(8, NP_); break;     \
+    }
+    if (np == 2) {
+        BY_ROWS(2)
+    } else {
+        BY_ROWS(1)
+    }
+#undef BY_ROWS
+#undef P
+}
+
+/* x rounded to bf16 (to nearest even, as float_to_bf16; NaN to torch's quiet NaN), 16 values at a time */
+static void round_bf16(const float *x, uint16_t *h, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        if (i + 16 > n) {
+            for (int64_t j = i; j < n; j++) h[j] = float_to_bf16(x[j]);
+            continue;
+        }
+        __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtepi32_epi16(r));
+    }
+}
+
+static __thread uint16_t *scratch_xh;
+static __thread int64_t scratch_xh_cap;
+
+static void linear_packed_dp(const uint16_t *xh, const uint16_t *p, float *y, int64_t M, int64_t K, int64_t N,
+                             int threads) {
+    const int64_t groups = (M + DR - 1) / DR;
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t q0, q1;
+        thread_share(N / 16, &q0, &q1);
+        for (int64_t q = q0; q < q1; q += 2) {
+            int np = q + 2 <= q1 ? 2 : 1;
+            for (int64_t k0 = 0; k0 < K; k0 += PK) {
+                int64_t k1 = k0 + PK < K ? k0 + PK : K;
+                for (int64_t g = 0, m0 = 0; g < groups; g++) {
+                    int mr = (int)(M / groups + (g < M % groups));
+                    panel_group_dp(xh + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr, g == groups - 1);
+                    m0 += mr;
+                }
+            }
+        }
+    }
+}
+#endif
+
 static void linear_packed(const float *x, const uint16_t *p, float *y, int64_t M, int64_t K, int64_t N, int threads) {
     const int64_t groups = (M + 5) / 6; /* rows spread evenly: 8 rows are two groups of 4, not 6 + 2 */
     #pragma omp parallel num_threads(threads)
@@ -681,7 +794,22 @@ void kataru_linear_int8_tiled(const void *x, const int8_t *w, const float *scale
 /* w bf16 packed in panels of 16 rows [N/16, K, 16] (N % 16 == 0; kataru.kernels.pack_bf16) */
 void kataru_linear_bf16_packed(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M, int64_t K,
                                int64_t N, int act_bf16, int threads) {
+#ifdef __AVX512BF16__
+    const uint16_t *xh = x; /* bf16 activations go in as they are; float32 ones rounded first */
+    if (!act_bf16) {
+        if (M * K > scratch_xh_cap) {
+            free(scratch_xh);
+            scratch_xh_cap = M * K;
+            scratch_xh = malloc(scratch_xh_cap * sizeof(uint16_t));
+        }
+        round_bf16(x, scratch_xh, M * K, threads);
+        xh = scratch_xh;
+    }
+    Io io = begin(0, y, M, 0, N, act_bf16, threads); /* only the float32 output */
+    linear_packed_dp(xh, w, io.y, M, K, N, threads);
+#else
     Io io = begin(x, y, M, K, N, act_bf16, threads);
     linear_packed(io.x, w, io.y, M, K, N, threads);
+#endif
     end(io, bias, y, M, N, act_bf16, threads);
 }
