@@ -195,6 +195,28 @@ def choose(layer: Planned, x: Tensor) -> str:
     return layer.default_path(x, rows)
 
 
+def row_invariant(model: torch.nn.Module) -> bool:
+    """Whether every planned layer of the model runs one path, for decode batches and prompt chunks alike, that
+    gives a row the same bits at any row count (a kernel build or the packed layout): then decode rows computed
+    beside a prompt chunk (`Transformer.mixed`) get the bits of a decode step of their own. Not under the fixed
+    rules, nor where a layer has no plan (float32 weights: torch's GEMM) or cannot run the plan's path."""
+    if mode() in ("torch", "kernels"):
+        return False
+    dtype = _activation_dtype(model)
+    with torch.inference_mode():
+        for module in model.modules():
+            if not hasattr(module, "plan_kind"):
+                continue
+            plan = _state["plans"].get(plan_key(module)) or _state["kinds"].get(module.plan_kind)
+            if plan is None or not _on_cpu(module):
+                return False
+            paths = {plan.path(b, _state["invariant"]) for b in BUCKETS}
+            path = paths.pop() if len(paths) == 1 else None
+            if path not in INVARIANT or not module.can_run(path, torch.zeros(1, module.plan_shape[1], dtype=dtype)):
+                return False
+    return True
+
+
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f32"}
 STEP_KINDS = ("attention", "norm")  # kataru's decode kernels or torch's ops, for a whole decode step's rows
 

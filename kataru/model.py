@@ -361,18 +361,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
                 at: Prefill | Decode | None = None) -> Tensor:
+        return self.wo(self.attend(self.wqkv(x), rope, mask, cache, at))
+
+    def attend(self, qkv: Tensor, rope: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
+               at: Prefill | Decode | None = None) -> Tensor:
+        """The heads' outputs [B, T, q_size] (before `wo`) for the fused projection's qkv [B, T, ...]."""
         c = self.config
-        b, t, _ = x.shape
-        qkv = self.wqkv(x)
+        b, t, _ = qkv.shape
         if (isinstance(at, Decode) and cache is not None
-                and kernels.attention_applicable(cache[0], x.dtype, c.head_dim)
-                and dispatch.step_path("attention", x.dtype, b) == "kernel"):
+                and kernels.attention_applicable(cache[0], qkv.dtype, c.head_dim)
+                and dispatch.step_path("attention", qkv.dtype, b) == "kernel"):
             # One kernel call splits qkv, rotates, writes the row's new key and value at its slot and
             # attends over the row's slots in place (no gathered copy of the cache).
             tables = rope.view(4, b, -1) if c.rotary_dim else None
             y = kernels.decode_attention(qkv.view(b, -1), tables, cache[0], cache[1], at.rows, at.slots, c.n_head,
                                          c.sliding_window)
-            return self.wo(y.view(b, 1, -1))
+            return y.view(b, 1, -1)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
@@ -387,7 +391,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(b, t, c.q_size))
+        return y.transpose(1, 2).reshape(b, t, c.q_size)
 
 
 class FeedForward(nn.Module):
@@ -424,6 +428,26 @@ class Block(nn.Module):
             return x + h + self.feed_forward(self.ffn_norm(x))
         x = x + h
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def mixed(self, xs: list[Tensor], ropes: list[Tensor], masks: list[Tensor | None], cache: tuple[Tensor, Tensor],
+              ats: list[Prefill | Decode]) -> list[Tensor]:
+        """`forward` for parts of a step (a prompt chunk, decode rows), each on its own rope, mask and cache
+        slots: the matmuls once over the rows of all parts, the norms and the attention per part."""
+        a = self.attention
+        qkv = joint(a.wqkv, [self.attention_norm(x) for x in xs])
+        h = joint(a.wo, [a.attend(*part) for part in zip(qkv, ropes, masks, [cache] * len(xs), ats, strict=True)])
+        if self.parallel:
+            ff = joint(self.feed_forward, [self.ffn_norm(x) for x in xs])
+            return [x + hi + f for x, hi, f in zip(xs, h, ff, strict=True)]
+        xs = [x + hi for x, hi in zip(xs, h, strict=True)]
+        return [x + f for x, f in zip(xs, joint(self.feed_forward, [self.ffn_norm(x) for x in xs]), strict=True)]
+
+
+def joint(fn: Callable[[Tensor], Tensor], parts: list[Tensor]) -> list[Tensor]:
+    """fn (row by row: linear layers, the MLP) on the rows of all parts at once, split back into their shapes."""
+    flat = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+    out = fn(flat).split([p.numel() // p.shape[-1] for p in parts])
+    return [o.view(*p.shape[:-1], o.shape[-1]) for o, p in zip(out, parts, strict=True)]
 
 
 class Transformer(nn.Module):
@@ -485,6 +509,24 @@ class Transformer(nn.Module):
         """
         return self._logits(tokens, slots.unsqueeze(1), self.row_mask(slots, span), cache, Decode(rows, slots, span),
                             False)[:, -1]
+
+    def mixed(self, chunk: Tensor, row: int, start: int, tokens: Tensor, cache: KVCache, rows: Tensor, slots: Tensor,
+              span: int) -> tuple[Tensor, Tensor]:
+        """`prefill(chunk, cache, row, start)` and `decode(tokens, cache, rows, slots, span)` in one pass, so that
+        a step with a prompt chunk reads the weights once, not twice: every matmul runs once over the chunk's
+        and the decode rows, the norms and the attention on each part as its own call would. The same logits,
+        ([1, V], [B, V]), when every matmul gives a row the same bits at any row count
+        (`dispatch.row_invariant`), as kataru's kernels do."""
+        t = chunk.shape[1]
+        xs = [self.tok_embeddings(chunk), self.tok_embeddings(tokens)]
+        positions = torch.arange(start, start + t, device=chunk.device).unsqueeze(0)
+        ropes = [self.rotary(positions, xs[0].dtype), self.rotary(slots.unsqueeze(1), xs[1].dtype)]
+        masks = [self.attention_mask(t, start, chunk.device), self.row_mask(slots, span)]
+        ats: list[Prefill | Decode] = [Prefill(row, start), Decode(rows, slots, span)]
+        for i, layer in enumerate(self.layers):
+            xs = layer.mixed(xs, ropes, masks, cache.layer(i), ats)
+        last, decoded = joint(self.output, [self.norm(xs[0][:, -1:]), self.norm(xs[1])])
+        return last[:, -1], decoded[:, -1]
 
     def _logits(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None,
                 at: Prefill | Decode | None, last_only: bool) -> Tensor:

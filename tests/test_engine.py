@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -462,3 +464,89 @@ def test_a_growing_cache_grows_with_demand_and_shrinks_when_idle(checkpoints: di
     again = engine.submit(ps[-1] + [7], params)
     engine.run()
     assert again.reused == 16 and again.tokens == alone(llm, ps[-1] + [7], params)
+
+
+@contextlib.contextmanager
+def planned(llm: kataru.LLM, tmp_path, paths: dict[str, str]):  # type: ignore[no-untyped-def]
+    """The model's layers under a plan of this test that runs `paths[bucket]` (as `kataru.load` reads plans
+    with KATARU_DISPATCH=cached), the process's plans forgotten afterwards."""
+    from kataru import dispatch
+
+    file = tmp_path / "plans.json"
+    saved = os.environ.get("KATARU_DISPATCH")
+    keys = {dispatch.plan_key(m) for m in llm.model.modules() if getattr(m, "plan_kind", None)}
+    ms = {b: {paths[b]: 1.0, "torch": 2.0 if paths[b] != "torch" else 1.0} for b in dispatch.BUCKETS}
+    try:
+        with mock.patch.object(dispatch, "plan_file", lambda: file):
+            dispatch.write_plans(file, {key: dispatch.Plan(key, ms) for key in keys})
+            os.environ["KATARU_DISPATCH"] = "cached"
+            dispatch.reset()
+            dispatch.prepare(llm.model)
+            yield
+    finally:
+        os.environ["KATARU_DISPATCH"] = saved if saved is not None else "kernels"
+        dispatch.reset()
+
+
+def staggered(engine: Engine, ps: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Requests joining one per step while the earlier ones decode; their tokens."""
+    requests = []
+    for p in ps:
+        requests.append(engine.submit(p, params))
+        engine.step()
+    engine.run()
+    return [r.tokens for r in requests]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="kataru's AVX2 kernels do not run here: no matmul path gives "
+                                                    "a row the same bits at any row count, nothing to fuse")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_prompt_chunk_and_the_decode_batch_in_one_pass_give_the_bits_of_two(checkpoints: dict, tmp_path,
+                                                                              quantize: str | None) -> None:
+    """Where every matmul treats a row alike at any row count, a step's last prompt chunk goes through the
+    model with the decode batch (`Transformer.mixed`, the weights read once): the logits and the cache are
+    bit for bit those of a prefill and a decode step, and requests joining a running batch get the tokens of
+    unfused steps and of running alone in an engine (in bf16 the cache's chunked prefill differs from a whole
+    forward by rounding)."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16", quantize=quantize)
+    with planned(llm, tmp_path, dict.fromkeys(("1", "2-8", "9-64", "prompt"), "kernel")):
+        model = llm.model
+        cache = model.new_cache(4, 64)
+        ps = prompts(llm.config.vocab_size, [9, 14, 6, 21])
+        with torch.inference_mode():
+            for row, p in enumerate(ps[:3]):
+                model.prefill(torch.tensor([p]), cache, row, 0)
+            tokens, rows = torch.tensor([[5], [7], [11]]), torch.tensor([0, 1, 2])
+            slots = torch.tensor([len(p) for p in ps[:3]])
+            chunk, twin = torch.tensor([ps[3][:16]]), model.new_cache(4, 64)
+            for mine, theirs in zip(cache.k + cache.v, twin.k + twin.v, strict=True):
+                theirs.copy_(mine)
+            last, decoded = model.mixed(chunk, 3, 0, tokens, cache, rows, slots, 15)
+            assert torch.equal(last, model.prefill(chunk, twin, 3, 0))
+            assert torch.equal(decoded, model.decode(tokens, twin, rows, slots, 15))
+            assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, twin.k + twin.v, strict=True))
+        params = SamplingParams(max_new_tokens=10, do_sample=False, ignore_eos=True)
+        ps = prompts(llm.config.vocab_size, [5, 30, 11, 18, 3], seed=5)
+        fused = Engine(model, llm.eos_ids, max_batch=4, prefill_chunk=8)
+        unfused = Engine(model, llm.eos_ids, max_batch=4, prefill_chunk=8, fuse=False)
+        solo = [staggered(Engine(model, llm.eos_ids, max_batch=4, prefill_chunk=8), [p], params)[0] for p in ps]
+        assert staggered(fused, ps, params) == staggered(unfused, ps, params) == solo
+        assert fused.stats()["fused_steps"] >= 8 and unfused.stats()["fused_steps"] == 0
+
+
+@pytest.mark.skipif(not kernels.available(), reason="kataru's AVX2 kernels do not run here")
+def test_no_fused_step_where_a_path_treats_rows_by_their_count(checkpoints: dict, tmp_path) -> None:
+    """torch's GEMM for prompt chunks (or float32 weights, which always take it) could give a decode row
+    other bits beside a chunk: such steps stay two passes."""
+    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16")
+    params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    ps = prompts(llm.config.vocab_size, [5, 30, 11])
+    with planned(llm, tmp_path, {"1": "kernel", "2-8": "kernel", "9-64": "kernel", "prompt": "torch"}):
+        engine = Engine(llm.model, llm.eos_ids, max_batch=4, prefill_chunk=8)
+        staggered(engine, ps, params)
+        assert engine.stats()["fused_steps"] == 0
+    f32 = kataru.load(checkpoints["llama"][0], dtype="float32")
+    with planned(f32, tmp_path, dict.fromkeys(("1", "2-8", "9-64", "prompt"), "kernel")):
+        engine = Engine(f32.model, f32.eos_ids, max_batch=4, prefill_chunk=8)
+        staggered(engine, ps, params)
+        assert engine.stats()["fused_steps"] == 0

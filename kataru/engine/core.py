@@ -71,7 +71,8 @@ class Engine:
                  max_cache_tokens: int | None = None, row_len: int | None = None, compile: bool = False,
                  prefix_reuse: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  tokenizer: Tokenizer | None = None, postprocess: Callable[[str], str] = str,
-                 grow: bool = False, idle_cache_tokens: int | None = None, batch_invariant: bool = False) -> None:
+                 grow: bool = False, idle_cache_tokens: int | None = None, batch_invariant: bool = False,
+                 fuse: bool = True) -> None:
         """max_batch rows of row_len slots (default: the model's context); a request must fit in one row.
 
         max_cache_tokens: the budget of reserved tokens (default max_batch * row_len).
@@ -82,6 +83,8 @@ class Engine:
             idle_cache_tokens: with grow, shrink to at most this many cache tokens when nothing runs.
         batch_invariant: one matmul path for every decode batch size from now on in this process, so that a
             request decodes to the same bits alone or batched whatever the dispatch plan prefers.
+        fuse: a step's last prompt chunk and its decode batch in one pass (the weights read once) where that
+            gives both the bits of separate passes (`Runner.fuse`); False: always separately.
         """
         self.model = model
         self.eos_ids = set(eos_ids)
@@ -92,7 +95,8 @@ class Engine:
         budget = max_cache_tokens or max_batch * row_len
         self.scheduler = Scheduler(self.context, max_batch, row_len, budget, prefill_chunk, prefix_reuse, grow,
                                    idle_cache_tokens)
-        self.runner = Runner(model, compile)
+        self.runner = Runner(model, compile, fuse)
+        self.fused_steps = 0  # steps whose last chunk went through with the decode batch
         if not grow:
             self._resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
         self.tokenizer, self.postprocess = tokenizer, postprocess
@@ -150,7 +154,7 @@ class Engine:
         return {"running": len(s.running), "prefilling": len(s.prefilling),
                 "waiting": len(s.waiting) + len(self._inbox), "cache_rows": s.rows, "cache_slots": s.slots,
                 "cache_bytes": cache.nbytes if cache else 0, "reserved_tokens": s.reserved,
-                "budget_tokens": s.budget, "reused_tokens": s.reused_tokens}
+                "budget_tokens": s.budget, "reused_tokens": s.reused_tokens, "fused_steps": self.fused_steps}
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self) -> list[Step]:
@@ -186,7 +190,9 @@ class Engine:
             self._resize(plan.resize)
         events: list[Step] = []
         vocab, device = self.model.config.vocab_size, self.runner.device
-        for chunk in plan.prefill:
+        batch = [r for r in plan.decode if not r.done]
+        decoded = None  # the batch's logits, once computed
+        for i, chunk in enumerate(plan.prefill):
             request = chunk.request
             if request.sampling is None:
                 request.times["admitted"] = time.monotonic()
@@ -196,17 +202,24 @@ class Engine:
                 except Exception as err:
                     self._fail(request, err)
                     continue
-            try:
-                logits = self.runner.prefill(chunk)
-            except Exception as err:
-                self._fail(request, err)
-                continue
+            logits = None
+            if batch and i == len(plan.prefill) - 1 and self.runner.fuse:
+                try:
+                    logits, decoded = self.runner.mixed(chunk, batch)
+                    self.fused_steps += 1
+                except Exception:  # each part again on its own, so that a failure ends only its own requests
+                    logits = decoded = None
+            if logits is None:
+                try:
+                    logits = self.runner.prefill(chunk)
+                except Exception as err:
+                    self._fail(request, err)
+                    continue
             if self.scheduler.prefilled(chunk):
                 events.append(self._accept(request, logits, bool(torch.isfinite(logits).all())))
-        batch = [r for r in plan.decode if not r.done]
         if batch:
             try:
-                logits = self.runner.decode(batch)
+                logits = self.runner.decode(batch) if decoded is None else decoded
             except Exception as err:
                 for request in batch:
                     self._fail(request, err)

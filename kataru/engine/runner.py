@@ -1,4 +1,5 @@
-"""Runs the model for the scheduler on the KV cache the engine owns: one prompt chunk, one decode batch.
+"""Runs the model for the scheduler on the KV cache the engine owns: one prompt chunk, one decode batch, or
+both in one pass (`mixed`: the weights read once for the chunk and the decode rows).
 
 The one-token decode step comes in three kinds, all `step(tokens, cache, rows, slots, span) -> logits`:
 - eager: `Transformer.decode` itself (the CPU default);
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kataru import kernels
+from kataru import dispatch, kernels
 from kataru.engine.scheduler import Chunk, Request, Resize
 from kataru.model import KVCache, Transformer
 
@@ -25,11 +26,21 @@ DecodeStep = Callable[[Tensor, KVCache, Tensor, Tensor, int], Tensor]
 
 
 class Runner:
-    def __init__(self, model: Transformer, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, compile: bool = False, fuse: bool = True) -> None:
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.cache: KVCache | None = None
         self.decode_step: DecodeStep = make_decode_step(model, compile)
+        # a chunk and a decode batch in one pass where that gives each its own bits: eager CPU decoding (a
+        # compiled or graphed step computes otherwise) and matmuls that treat every row alike
+        self._fuse: bool | None = None if fuse and not compile and self.device.type == "cpu" else False
+
+    @property
+    def fuse(self) -> bool:
+        """Whether `mixed` gives the bits of `prefill` and `decode` (decided once the plans exist: first asked)."""
+        if self._fuse is None:
+            self._fuse = dispatch.row_invariant(self.model)
+        return self._fuse
 
     def resize(self, resize: Resize) -> None:
         """Give the cache its new shape, keeping the rows the scheduler moves (CUDA graphs, which hold the
@@ -55,11 +66,23 @@ class Runner:
     def decode(self, batch: list[Request]) -> Tensor:
         """Logits [B, V]: one step for every request of the batch, each at its own slot of its own row."""
         assert self.cache is not None
+        return self.decode_step(*self._decode_inputs(batch))
+
+    @torch.inference_mode()
+    def mixed(self, chunk: Chunk, batch: list[Request]) -> tuple[Tensor, Tensor]:
+        """`prefill(chunk)` and `decode(batch)` in one pass (the caller checks `fuse`)."""
+        assert self.cache is not None and chunk.request.row is not None
+        tokens = torch.tensor([chunk.request.prompt[chunk.start:chunk.end]], device=self.device)
+        last, decoded = self.model.mixed(tokens, chunk.request.row, chunk.start, *self._decode_inputs(batch))
+        return last[0], decoded
+
+    def _decode_inputs(self, batch: list[Request]) -> tuple[Tensor, KVCache, Tensor, Tensor, int]:
+        assert self.cache is not None
         tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)
         lengths = [r.length for r in batch]
         slots = torch.tensor(lengths, device=self.device)
         rows = torch.tensor([r.row for r in batch], device=self.device)
-        return self.decode_step(tokens, self.cache, rows, slots, max(lengths) + 1)
+        return tokens, self.cache, rows, slots, max(lengths) + 1
 
 
 def make_decode_step(model: Transformer, compile: bool = False) -> DecodeStep:
