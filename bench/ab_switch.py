@@ -100,8 +100,7 @@ def fuse(args: argparse.Namespace) -> None:
     fused: list[int] = []
 
     def serve() -> None:
-        engine = Engine(model, set(), max_batch=args.batch, row_len=tokens + args.new_tokens)
-        engine.runner._fuse = engine.runner._fuse if state["fuse"] else False
+        engine = Engine(model, set(), max_batch=args.batch, row_len=tokens + args.new_tokens, fuse=state["fuse"])
         pending = list(prompt)
         running = [engine.submit(pending.pop(), params) for _ in range(min(args.batch, len(pending)))]
         while engine.has_work():
