@@ -322,7 +322,7 @@ def format_plan(report: dict[str, Any]) -> str:
     cpu = report["cpu"]
     lines = [f"{cpu['model']}, {cpu['cores']} cores, {cpu['threads']} threads, torch {report['torch']} "
              f"({cpu['torch_capability']}; {' '.join(cpu['features']) or 'no SIMD features found'})",
-             f"kataru's kernel builds here: {', '.join(cpu['kernel_builds']) or 'none'}; "
+             f"kataru's kernel builds here: {dispatch.builds_text(cpu)}; "
              f"KATARU_DISPATCH={report['dispatch']}; plans cached in {report['plan_file']}", ""]
     if not report["plan"]:
         lines.append("no plan: float32 weights, or KATARU_DISPATCH is kernels or torch (the fixed rules)")

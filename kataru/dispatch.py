@@ -246,7 +246,15 @@ def cpu() -> dict[str, Any]:
     return {"model": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "features": [f for f in wanted if f in flags], "kernels": kernels.available("linear"),
-            "kernel_builds": kernels.isas()}
+            "kernel_builds": kernels.isas(),
+            "kernel_extensions": {isa: kernels.extensions(isa) for isa in kernels.isas()}}
+
+
+def builds_text(c: dict[str, Any]) -> str:
+    """`cpu()`'s kernel builds with what each uses beyond its base, e.g. "avx2, avx512 (vnni, bf16)"; "none"."""
+    extra = c.get("kernel_extensions", {})
+    return ", ".join(isa + (f" ({', '.join(extra[isa])})" if extra.get(isa) else "")
+                     for isa in c["kernel_builds"]) or "none"
 
 
 def plan_file() -> Path:

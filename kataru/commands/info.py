@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from kataru import dispatch
 from kataru.commands import common
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
         elif key == "cpu":
             value = (f"{value['model']}, {value['cores']} cores, {value['threads']} threads, torch "
                      f"{value['torch_capability']}, {' '.join(value['features']) or 'no SIMD features found'}; "
-                     f"kernel builds: {', '.join(value['kernel_builds']) or 'none'}")
+                     f"kernel builds: {dispatch.builds_text(value)}")
         elif key == "dispatch":
             runs = "; ".join(f"{r['kind']} rows {r['bucket']}: {r['runs']}" for r in value["plan"])
             value = f"{value['mode']}: {runs or 'the fixed rule'}"

@@ -161,6 +161,8 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
                 lib.kataru_decode_attention.restype = None
                 lib.kataru_rms_norm.argtypes = [*[pointer] * 3, size, size, ctypes.c_float, flag]
                 lib.kataru_rms_norm.restype = None
+                lib.kataru_extensions.argtypes = []
+                lib.kataru_extensions.restype = ctypes.c_int
                 for fn in (lib.kataru_linear_bf16, lib.kataru_linear_f16, lib.kataru_linear_bf16_packed,
                            lib.kataru_linear_int8,
                            lib.kataru_linear_int8_tiled, lib.kataru_linear_int4):
@@ -187,6 +189,14 @@ def available(kind: str = "linear", isa: str = "avx2") -> bool:
 def isas() -> list[str]:
     """The builds of the matmul kernels that run here."""
     return [isa for isa in ISAS if available("linear", isa)]
+
+
+def extensions(isa: str = "avx512") -> list[str]:
+    """What a build's matmuls use beyond its base instruction set: "vnni" (vpdpbusd) and "bf16" (vdpbf16ps),
+    where the CPU has them and the compiler could build them; [] for a build that does not run here."""
+    lib = library(isa) if available("linear", isa) else None
+    bits = lib.kataru_extensions() if lib is not None else 0
+    return [name for bit, name in ((1, "vnni"), (2, "bf16")) if bits & bit]
 
 
 def applicable(weight: Tensor, kind: str = "linear", isa: str = "avx2") -> bool:

@@ -813,3 +813,16 @@ void kataru_linear_bf16_packed(const void *x, const uint16_t *w, const void *bia
 #endif
     end(io, bias, y, M, N, act_bf16, threads);
 }
+
+/* what this build's matmuls use beyond its base instruction set (kataru.kernels.extensions): 1 VNNI's vpdpbusd,
+ * 2 AVX512-BF16's vdpbf16ps */
+int kataru_extensions(void) {
+    int bits = 0;
+#ifdef __AVX512VNNI__
+    bits |= 1;
+#endif
+#ifdef __AVX512BF16__
+    bits |= 2;
+#endif
+    return bits;
+}
