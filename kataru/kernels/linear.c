@@ -2,7 +2,7 @@
  * weights w [N, K] stored as bf16 or fp16, as int8 with one scale per output row, or as 4-bit groups with a
  * scale and a minimum each. bf16 and fp16 serve decoding (M small: the rows of a decode batch; prefill
  * converts to torch's float32 GEMM); the integer kernels serve prefill too, where they beat dequantizing into
- * that GEMM. bf16 weights repacked in panels of 16 rows (linear_packed, at the end) serve every M: a GEMM's
+ * that GEMM. bf16 weights repacked in panels of 16 rows (panel and over_panels, at the end) serve every M: a GEMM's
  * register blocking, each weight converted once per six rows.
  *
  * Decoding reads every weight once per step, so a step's speed is how fast the weights stream from memory
@@ -29,7 +29,7 @@
  * int8 and 4-bit kernels two 32-byte steps at a time, their integer dot products by vpdpbusd with VNNI (else
  * vpmaddubsw + vpmaddwd; int8 with VNNI meets x + 128 and subtracts the weights' sums). With AVX512-BF16, bf16 weights meet the input rows rounded to bf16, 32 at a time by
  * vdpbf16ps (no widening: two products per lane and instruction), and so do the packed panels
- * (linear_packed_dp), two steps at a time. Integer sums are exact, so the tiled
+ * (panel_dp), two steps at a time. Integer sums are exact, so the tiled
  * kernels give the AVX2 build's bits; the float kernels sum in another order (still the same order for every
  * batch size).
  */
@@ -70,13 +70,31 @@ static inline __m512 load16(const uint16_t *w, int64_t i, int f16) {
 #endif
 
 #ifdef __AVX512BF16__
-/* The n input values rounded to bf16 (to nearest even, as torch rounds), for vdpbf16ps (*h) and as float32
- * for the rest of a row (returned), in per-thread buffers grown on demand. */
+/* x rounded to bf16 (to nearest even, as float_to_bf16; NaN to torch's quiet NaN), 16 values at a time */
+static void round_bf16(const float *x, uint16_t *h, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        if (i + 16 > n) {
+            for (int64_t j = i; j < n; j++) h[j] = float_to_bf16(x[j]);
+            continue;
+        }
+        __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtepi32_epi16(r));
+    }
+}
+
+/* The n input values rounded to bf16 (to nearest even, as torch rounds), for vdpbf16ps (*h) and, with `wide`,
+ * as float32 for the rest of a row (returned; else NULL), in per-thread buffers grown on demand. */
 static __thread uint16_t *scratch_h;
 static __thread float *scratch_r;
 static __thread int64_t scratch_h_cap;
 
-static const float *bf16_rows(const float *x, int64_t n, const uint16_t **h) {
+static const float *bf16_rows(const float *x, int64_t n, int threads, int wide, const uint16_t **h) {
     if (n > scratch_h_cap) {
         free(scratch_h);
         free(scratch_r);
@@ -84,11 +102,10 @@ static const float *bf16_rows(const float *x, int64_t n, const uint16_t **h) {
         scratch_h = malloc(n * sizeof(uint16_t));
         scratch_r = malloc(n * sizeof(float));
     }
-    for (int64_t i = 0; i < n; i++) {
-        scratch_h[i] = float_to_bf16(x[i]);
-        scratch_r[i] = bf16_to_float(scratch_h[i]);
-    }
+    round_bf16(x, scratch_h, n, threads);
     *h = scratch_h;
+    if (!wide) return 0;
+    for (int64_t i = 0; i < n; i++) scratch_r[i] = bf16_to_float(scratch_h[i]);
     return scratch_r;
 }
 #endif
@@ -298,7 +315,7 @@ static inline __attribute__((always_inline)) void linear(const float *x, const v
     if (!FLOAT_WEIGHTS(kind)) in = quantize_rows(x, M, K, threads);
     const uint16_t *xh = 0;
 #ifdef __AVX512BF16__
-    if (kind == BF16) x = bf16_rows(x, M * K, &xh); /* every product of a row then takes x rounded to bf16 */
+    if (kind == BF16) x = bf16_rows(x, M * K, threads, 1, &xh); /* every product of a row takes x rounded to bf16 */
 #endif
     #pragma omp parallel num_threads(threads)
     {
@@ -654,51 +671,16 @@ static inline void panel_group_dp(const uint16_t *xh, const uint16_t *p, float *
 #undef P
 }
 
-/* x rounded to bf16 (to nearest even, as float_to_bf16; NaN to torch's quiet NaN), 16 values at a time */
-static void round_bf16(const float *x, uint16_t *h, int64_t n, int threads) {
-    #pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i += 16) {
-        if (i + 16 > n) {
-            for (int64_t j = i; j < n; j++) h[j] = float_to_bf16(x[j]);
-            continue;
-        }
-        __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtepi32_epi16(r));
-    }
-}
-
-static __thread uint16_t *scratch_xh;
-static __thread int64_t scratch_xh_cap;
-
-static void linear_packed_dp(const uint16_t *xh, const uint16_t *p, float *y, int64_t M, int64_t K, int64_t N,
-                             int threads) {
-    const int64_t groups = (M + DR - 1) / DR;
-    #pragma omp parallel num_threads(threads)
-    {
-        int64_t q0, q1;
-        thread_share(N / 16, &q0, &q1);
-        for (int64_t q = q0; q < q1; q += 2) {
-            int np = q + 2 <= q1 ? 2 : 1;
-            for (int64_t k0 = 0; k0 < K; k0 += PK) {
-                int64_t k1 = k0 + PK < K ? k0 + PK : K;
-                for (int64_t g = 0, m0 = 0; g < groups; g++) {
-                    int mr = (int)(M / groups + (g < M % groups));
-                    panel_group_dp(xh + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr, g == groups - 1);
-                    m0 += mr;
-                }
-            }
-        }
-    }
-}
 #endif
 
-static void linear_packed(const float *x, const uint16_t *p, float *y, int64_t M, int64_t K, int64_t N, int threads) {
-    const int64_t groups = (M + 5) / 6; /* rows spread evenly: 8 rows are two groups of 4, not 6 + 2 */
+/* Every thread's panels, two at a time, in chunks of PK steps, each chunk passed over by the input rows in groups
+ * of at most GR spread evenly (8 rows over groups of 6 are 4 + 4, not 6 + 2): x float32 for `panel`, or bf16 for
+ * `panel_dp` (DP). */
+static inline __attribute__((always_inline)) void over_panels(const void *x, const uint16_t *p, float *y, int64_t M,
+                                                              int64_t K, int64_t N, int threads, const int GR,
+                                                              const int DP) {
+    (void)DP; /* read by the AVX512-BF16 build only */
+    const int64_t groups = (M + GR - 1) / GR;
     #pragma omp parallel num_threads(threads)
     {
         int64_t q0, q1;
@@ -709,7 +691,14 @@ static void linear_packed(const float *x, const uint16_t *p, float *y, int64_t M
                 int64_t k1 = k0 + PK < K ? k0 + PK : K;
                 for (int64_t g = 0, m0 = 0; g < groups; g++) {
                     int mr = (int)(M / groups + (g < M % groups));
-                    panel_group(x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr, g == groups - 1);
+#ifdef __AVX512BF16__
+                    if (DP)
+                        panel_group_dp((const uint16_t *)x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr,
+                                       g == groups - 1);
+                    else
+#endif
+                        panel_group((const float *)x + m0 * K, p, y + m0 * N, K, N, q, np, k0, k1, mr,
+                                    g == groups - 1);
                     m0 += mr;
                 }
             }
@@ -796,20 +785,12 @@ void kataru_linear_bf16_packed(const void *x, const uint16_t *w, const void *bia
                                int64_t N, int act_bf16, int threads) {
 #ifdef __AVX512BF16__
     const uint16_t *xh = x; /* bf16 activations go in as they are; float32 ones rounded first */
-    if (!act_bf16) {
-        if (M * K > scratch_xh_cap) {
-            free(scratch_xh);
-            scratch_xh_cap = M * K;
-            scratch_xh = malloc(scratch_xh_cap * sizeof(uint16_t));
-        }
-        round_bf16(x, scratch_xh, M * K, threads);
-        xh = scratch_xh;
-    }
+    if (!act_bf16) bf16_rows(x, M * K, threads, 0, &xh);
     Io io = begin(0, y, M, 0, N, act_bf16, threads); /* only the float32 output */
-    linear_packed_dp(xh, w, io.y, M, K, N, threads);
+    over_panels(xh, w, io.y, M, K, N, threads, DR, 1);
 #else
     Io io = begin(x, y, M, K, N, act_bf16, threads);
-    linear_packed(io.x, w, io.y, M, K, N, threads);
+    over_panels(io.x, w, io.y, M, K, N, threads, 6, 0);
 #endif
     end(io, bias, y, M, N, act_bf16, threads);
 }
