@@ -108,8 +108,8 @@ class Plan:
         ours = {b: min((t for p, t in times.items() if p in LAYOUT), default=float("inf")) for b, times in ms.items()}
         others = {b: min((t for p, t in times.items() if p not in LAYOUT), default=float("inf"))
                   for b, times in ms.items()}
-        keep = LAYOUT if sum(ours[b] / best[b] for b in ms) < sum(others[b] / best[b] for b in ms) else set()
-        return {b: {p: t for p, t in times.items() if (p in LAYOUT) == bool(keep)} for b, times in ms.items()}
+        packed = sum(ours[b] / best[b] for b in ms) < sum(others[b] / best[b] for b in ms)
+        return {b: {p: t for p, t in times.items() if (p in LAYOUT) == packed} for b, times in ms.items()}
 
     def paths_used(self) -> set[str]:
         return set(self.mixed.values()) | set(self.uniform.values())

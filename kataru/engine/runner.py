@@ -58,23 +58,25 @@ class Runner:
     @torch.inference_mode()
     def prefill(self, chunk: Chunk) -> Tensor:
         """Logits [V] after the chunk's last token."""
-        assert self.cache is not None and chunk.request.row is not None
-        tokens = torch.tensor([chunk.request.prompt[chunk.start:chunk.end]], device=self.device)
-        return self.model.prefill(tokens, self.cache, chunk.request.row, chunk.start)[0]
+        tokens, cache, row = self._chunk_inputs(chunk)
+        return self.model.prefill(tokens, cache, row, chunk.start)[0]
 
     @torch.inference_mode()
     def decode(self, batch: list[Request]) -> Tensor:
         """Logits [B, V]: one step for every request of the batch, each at its own slot of its own row."""
-        assert self.cache is not None
         return self.decode_step(*self._decode_inputs(batch))
 
     @torch.inference_mode()
     def mixed(self, chunk: Chunk, batch: list[Request]) -> tuple[Tensor, Tensor]:
         """`prefill(chunk)` and `decode(batch)` in one pass (the caller checks `fuse`)."""
-        assert self.cache is not None and chunk.request.row is not None
-        tokens = torch.tensor([chunk.request.prompt[chunk.start:chunk.end]], device=self.device)
-        last, decoded = self.model.mixed(tokens, chunk.request.row, chunk.start, *self._decode_inputs(batch))
+        tokens, _, row = self._chunk_inputs(chunk)
+        last, decoded = self.model.mixed(tokens, row, chunk.start, *self._decode_inputs(batch))
         return last[0], decoded
+
+    def _chunk_inputs(self, chunk: Chunk) -> tuple[Tensor, KVCache, int]:
+        assert self.cache is not None and chunk.request.row is not None
+        return (torch.tensor([chunk.request.prompt[chunk.start:chunk.end]], device=self.device), self.cache,
+                chunk.request.row)
 
     def _decode_inputs(self, batch: list[Request]) -> tuple[Tensor, KVCache, Tensor, Tensor, int]:
         assert self.cache is not None
