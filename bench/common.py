@@ -19,6 +19,7 @@ def shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the real shape")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the weights")
     parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    parser.add_argument("--prompt", type=int, default=32, help="tokens in each request's prompt")
 
 
 def shape_model(shape: str, layers: int | None, method: str | None) -> Transformer:
@@ -27,10 +28,17 @@ def shape_model(shape: str, layers: int | None, method: str | None) -> Transform
     return quantize(model, method) if method else model
 
 
-def shape_engine(model: Transformer, batch: int, new_tokens: int, compile: bool = False) -> Engine:
-    """An engine holding `batch` greedy requests of a 32-token prompt and new_tokens each, not yet stepped."""
+def shape_engine(model: Transformer, batch: int, new_tokens: int, compile: bool = False, prompt: int = 32) -> Engine:
+    """An engine holding `batch` greedy requests of a `prompt`-token prompt and new_tokens each, not yet stepped."""
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
-    engine = Engine(model, set(), max_batch=batch, row_len=32 + new_tokens, compile=compile)
+    engine = Engine(model, set(), max_batch=batch, row_len=prompt + new_tokens, compile=compile)
     for _ in range(batch):
-        engine.submit(list(range(5, 37)), params)
+        engine.submit([5 + i % 1000 for i in range(prompt)], params)
+    return engine
+
+
+def decoding(engine: Engine, batch: int) -> Engine:
+    """The engine stepped until its `batch` requests are past their prompts (all rows decode from the next step)."""
+    while len(engine.scheduler.running) < batch:
+        engine.step()
     return engine

@@ -3,7 +3,7 @@ kernels is timed by kind and, for matmuls, by weight shape (ms per step and GFLO
 Python, torch's small ops and sampling.
 
 usage: .venv/bin/python bench/step_breakdown.py [--shape llm-jp-3.1-1.8b] [--layers N] [--quantize int8|int4]
-                                                [--batch 8] [--steps 10]
+                                                [--batch 8] [--prompt 32] [--steps 10]
 The plan is measured or read as `kataru.load` does (KATARU_DISPATCH), so bf16 weights take the packed layout
 where the plan says so.
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import shape_arguments, shape_engine, shape_model
+from common import decoding, shape_arguments, shape_engine, shape_model
 
 from kataru import dispatch, kernels
 
@@ -52,8 +52,7 @@ def main() -> None:
         raise SystemExit("kataru's CPU kernels are unavailable here (no C compiler, no AVX2, or KATARU_KERNELS=0)")
     model = shape_model(args.shape, args.layers, args.quantize)
     dispatch.prepare(model)
-    engine = shape_engine(model, args.batch, 2 * args.steps + 16)
-    engine.step()  # the prefill
+    engine = decoding(shape_engine(model, args.batch, 2 * args.steps + 16, prompt=args.prompt), args.batch)
     engine.step()
     seconds: dict[str, float] = collections.defaultdict(float)
     flops: dict[str, float] = collections.defaultdict(float)

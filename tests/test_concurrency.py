@@ -122,6 +122,19 @@ def test_a_poisoned_request_fails_alone(checkpoints: dict) -> None:
     assert engine.scheduler.reserved == 0 and not engine.has_work()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_bad_logit_marks_its_row_and_no_other(dtype: torch.dtype) -> None:
+    """The engine's per-row check (one float32 sum) finds a single NaN, +inf or -inf among 100k finite logits,
+    as torch.isfinite would, and passes rows of large finite logits."""
+    from kataru.engine.core import finite_rows
+
+    logits = (torch.randn(5, 99584) * 30).to(dtype)
+    logits[1, 77], logits[2, 99583], logits[3, 0] = float("nan"), float("inf"), float("-inf")
+    logits[4] = 3e4
+    assert finite_rows(logits) == [True, False, False, False, True] == torch.isfinite(logits).all(-1).tolist()
+    assert finite_rows(logits[1:2]) == [False] and finite_rows(logits[0]) == [True]
+
+
 def test_a_request_whose_prefill_fails_ends_alone(checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     llm = kataru.load(checkpoints["llama"][0], dtype="float32")
     params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,8 @@ def test_two_nodes_match_one_process_and_survive_a_lost_node(prepared: dict[str,
     assert [r["step"] for r in lost] == list(range(1, steps + 1))
     assert [r["loss"] for r in lost] == [r["loss"] for r in nodes]
     survivor = (tmp_path / "lost-node0.log").read_text()
-    assert "Connection closed by peer" in survivor and "failed (exitcode: 1)" in survivor  # then restarted
+    # gloo reports the lost peer as "closed" or "reset", depending on which end of the socket noticed first
+    assert re.search(r"Connection (closed|reset) by peer", survivor) and "failed (exitcode: 1)" in survivor
     whole, resumed = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("nodes", "lost"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

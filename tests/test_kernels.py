@@ -384,12 +384,15 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim,rot,window", [(4, 4, 16, 16, None), (8, 2, 80, 20, None),
-                                                           (4, 2, 64, 64, 5), (2, 1, 128, 0, None)])
+                                                           (4, 2, 64, 64, 5), (2, 1, 128, 0, None),
+                                                           (2, 2, 24, 8, None)])
 def test_decode_attention_is_within_float32_rounding(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
                                                      rot: int, window: int | None) -> None:
     """One decode step from the fused projection: keys rotated (all, part or none of each head; xPos-like
     separate query and key tables) and written with the values at each row's own slot, bit for bit as torch's
-    ops do; then each query over its row's slots up to its own (slot 0 sees one key), GQA, a window.
+    ops do; then each query over its row's slots up to its own (slot 0 sees one key), GQA, a window. Head
+    sizes that are and are not a multiple of 16 (bf16 read in pairs or eight at a time), rotary halves of 8
+    values and of other counts (rotated eight at a time or one by one).
 
     A score errs by at most dim float32 roundings of sum|q k| / sqrt(dim) (call it e); exp's polynomial adds
     2e-7 relative, so every weight is off by a relative e + 3e-7 at most, which moves a convex combination of

@@ -43,6 +43,14 @@ from kataru.model import Transformer
 from kataru.sampling import SamplingParams
 from kataru.tokenizer import Tokenizer
 
+
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """For each row of logits [..., V]: whether it is free of NaN and infinities. One float32 sum per row (an inf or
+    NaN anywhere makes it non-finite; so would finite logits near float32's limit, as broken as an inf), where
+    torch.isfinite over a batch of 100k-token vocabularies costs a millisecond per step in bf16."""
+    return logits.reshape(-1, logits.shape[-1]).sum(-1, dtype=torch.float32).isfinite().tolist()
+
+
 DEFAULT_PREFILL_CHUNK = 128  # as fast as whole prompts on the CPU (bf16, int8) and reuse every 128 tokens
 
 
@@ -216,7 +224,7 @@ class Engine:
                     self._fail(request, err)
                     continue
             if self.scheduler.prefilled(chunk):
-                events.append(self._accept(request, logits, bool(torch.isfinite(logits).all())))
+                events.append(self._accept(request, logits, finite_rows(logits)[0]))
         if batch:
             try:
                 logits = self.runner.decode(batch) if decoded is None else decoded
@@ -224,7 +232,7 @@ class Engine:
                 for request in batch:
                     self._fail(request, err)
                 return events
-            finite = torch.isfinite(logits).all(-1).tolist()
+            finite = finite_rows(logits)
             events += [self._accept(r, logits[i], finite[i]) for i, r in enumerate(batch)]
         return events
 

@@ -34,25 +34,65 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-/* o[d, d + 8C) = sum_i p_i v_i[d, d + 8C) / sum: C vectors of every value row in registers, rows in order */
+/* Where the cache's keys and values come from: float32, bf16 eight values at a time, or bf16 in pairs (D % 16
+ * == 0): one 32-bit lane holds values 2i and 2i + 1, a shift makes the first a float32 and a mask the second,
+ * so sixteen values take one load and two integer operations instead of two loads and four. */
+enum { F32 = 0, BF16 = 1, PAIRS = 2 };
+
+/* o[d, d + 8C) = sum_i p_i v_i[d, d + 8C) / sum: C vectors of every value row in registers, rows in order
+ * (PAIRS: C / 2 pairs of vectors, values 2i and 2i + 1 apart, put back in order at the end). */
 static inline __attribute__((always_inline)) void weighted_sum(const float *p, const char *v, int64_t n, int64_t D,
-                                                               int64_t d, float inv, float *o, int bf16, const int C) {
+                                                               int64_t d, float inv, float *o, const int mode,
+                                                               const int C) {
     __m256 acc[8];
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i++) {
         __m256 w = _mm256_set1_ps(p[i]);
-        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, load8_of(v, i * D + d + 8 * c, bf16), acc[c]);
+        if (mode == PAIRS) {
+            for (int c = 0; c < C; c += 2) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i * D + d + 8 * c));
+                acc[c] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[c]);
+                acc[c + 1] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc[c + 1]);
+            }
+        } else {
+            for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, load8_of(v, i * D + d + 8 * c, mode), acc[c]);
+        }
     }
-    for (int c = 0; c < C; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    const __m256 scale = _mm256_set1_ps(inv);
+    for (int c = 0; c < C; c++) acc[c] = _mm256_mul_ps(acc[c], scale);
+    if (mode == PAIRS) {
+        for (int c = 0; c < C; c += 2) {
+            __m256 lo = _mm256_unpacklo_ps(acc[c], acc[c + 1]), hi = _mm256_unpackhi_ps(acc[c], acc[c + 1]);
+            acc[c] = _mm256_permute2f128_ps(lo, hi, 0x20), acc[c + 1] = _mm256_permute2f128_ps(lo, hi, 0x31);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
 }
 
 /* Head h of a token (D values at element offset at of src) with the rotary embedding on its first rot values,
  * as torch's x * cos + rotate_half(x) * sin computes it: each product and the sum rounded to the activation
- * type (this file is built with -ffp-contract=off, so no FMA merges them), the result bit for bit the same. */
+ * type (this file is built with -ffp-contract=off, so no FMA merges them), the result bit for bit the same.
+ * Eight values at a time where the halves of the rotated part are whole vectors (rot % 16 == 0). */
 static void rotate(const void *src, int64_t at, const void *cos, const void *sin, int64_t t, int64_t rot, int64_t D,
                    int bf16, float *dst) {
-    int64_t half = rot / 2;
-    for (int64_t d = 0; d < D; d++) {
+    int64_t half = rot / 2, d = 0;
+    if (half % 8 == 0) {
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; d < rot; d += 8) {
+            __m256 x = load8_of(src, at + d, bf16);
+            __m256 other = d < half ? _mm256_xor_ps(load8_of(src, at + d + half, bf16), sign)
+                                    : load8_of(src, at + d - half, bf16);
+            __m256 a = _mm256_mul_ps(x, load8_of(cos, t + d, bf16));
+            __m256 b = _mm256_mul_ps(other, load8_of(sin, t + d, bf16));
+            if (bf16) a = round8_bf16(a), b = round8_bf16(b);
+            x = _mm256_add_ps(a, b);
+            _mm256_storeu_ps(dst + d, bf16 ? round8_bf16(x) : x);
+        }
+        for (; d < D; d += 8) _mm256_storeu_ps(dst + d, load8_of(src, at + d, bf16));
+        return;
+    }
+    for (; d < D; d++) {
         float x = load1(src, at + d, bf16);
         if (d < rot) {
             float other = d < half ? -load1(src, at + d + half, bf16) : load1(src, at + d - half, bf16);
@@ -63,6 +103,78 @@ static void rotate(const void *src, int64_t at, const void *cos, const void *sin
         }
         dst[d] = x;
     }
+}
+
+/* the sums of eight vectors, one per lane: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) of each */
+static inline __m256 hsum8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* scores[j] = (q . key j) * scale for the n keys at kb (D values apart; scores has room for n + 8); returns
+ * their maximum. Eight keys at a time, one accumulator each: with one chain per key every step waits on the
+ * FMA before it, and the keys stream in at a quarter of the memory's speed. Past the last key the block
+ * repeats it, so that every score is the same sum in the same order. PAIRS: q in the order the pairs come in
+ * (per 16 values: the even ones, then the odd ones). */
+static inline __attribute__((always_inline)) float key_scores(const float *q, const char *kb, int64_t n, int64_t D,
+                                                              float scale, float *scores, const int mode) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 8) {
+        int64_t key[8];
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) key[c] = (j + c < n ? j + c : n - 1) * D, acc[c] = _mm256_setzero_ps();
+        if (mode == PAIRS) {
+            for (int64_t d = 0; d < D; d += 16) {
+                __m256 even = _mm256_loadu_ps(q + d), odd = _mm256_loadu_ps(q + d + 8);
+                for (int c = 0; c < 8; c++) {
+                    __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kb + key[c] + d));
+                    acc[c] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[c]);
+                    acc[c] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc[c]);
+                }
+            }
+        } else {
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(qd, load8_of(kb, key[c] + d, mode), acc[c]);
+            }
+        }
+        __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(scores + j, s);
+        best = _mm256_max_ps(best, s);
+    }
+    return hmax(best);
+}
+
+/* One (row, head) pair: its rotated query qv over n keys and values at kb, vb; out its D results. */
+static inline __attribute__((always_inline)) void attend(const float *qv, const char *kb, const char *vb, int64_t n,
+                                                         int64_t D, float scale, float *scores, float *o,
+                                                         const int mode) {
+    float q[512];
+    if (mode == PAIRS) {
+        for (int64_t d = 0; d < D; d += 16)
+            for (int i = 0; i < 8; i++) q[d + i] = qv[d + 2 * i], q[d + 8 + i] = qv[d + 2 * i + 1];
+        qv = q;
+    }
+    float best = key_scores(qv, kb, n, D, scale, scores, mode);
+    __m256 total = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
+        _mm256_storeu_ps(scores + j, p);
+        total = _mm256_add_ps(total, p);
+    }
+    float sum = hsum(total);
+    for (; j < n; j++) {
+        __m256 p = exp8(_mm256_set1_ps(scores[j] - best));
+        scores[j] = _mm_cvtss_f32(_mm256_castps256_ps128(p));
+        sum += scores[j];
+    }
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, 8);
+    for (; d < D; d += mode == PAIRS ? 16 : 8)
+        weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, mode == PAIRS ? 2 : 1);
 }
 
 /* qkv [B, (H + 2 Hkv) D]: each row's queries, keys and values; rope [4, B, rot] its cos and sin tables for
@@ -83,9 +195,9 @@ void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, voi
         for (int64_t bg = 0; bg < B * Hkv; bg++) {
             int64_t b = bg / Hkv, g = bg % Hkv, at = ((rows[b] * Hkv + g) * S + slots[b]) * D;
             rotate(qkv, b * width + (H + g) * D, cos_k, sin_k, b * rot, rot, D, act_bf16, head);
-            for (int64_t d = 0; d < D; d++) {
-                store1(k, at + d, head[d], cache_bf16);
-                store1(v, at + d, load1(qkv, b * width + (H + Hkv + g) * D + d, act_bf16), cache_bf16);
+            for (int64_t d = 0; d < D; d += 8) {
+                store8_of(k, at + d, _mm256_loadu_ps(head + d), cache_bf16);
+                store8_of(v, at + d, load8_of(qkv, b * width + (H + Hkv + g) * D + d, act_bf16), cache_bf16);
             }
         }
         #pragma omp for schedule(static)
@@ -101,31 +213,10 @@ void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, voi
             rotate(qkv, b * width + h * D, cos_q, sin_q, b * rot, rot, D, act_bf16, qv);
             int64_t base = ((rows[b] * Hkv + h / group) * S + first) * D;
             const char *kb = (const char *)k + base * esize, *vb = (const char *)v + base * esize;
-            float best = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8_of(kb, j * D + d, cache_bf16), acc);
-                scores[j] = hsum(acc) * scale;
-                best = scores[j] > best ? scores[j] : best;
-            }
-            __m256 total = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
-            int64_t j = 0;
-            for (; j + 8 <= n; j += 8) {
-                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
-                _mm256_storeu_ps(scores + j, p);
-                total = _mm256_add_ps(total, p);
-            }
-            float sum = hsum(total);
-            for (; j < n; j++) {
-                __m256 p = exp8(_mm256_set1_ps(scores[j] - best));
-                scores[j] = _mm_cvtss_f32(_mm256_castps256_ps128(p));
-                sum += scores[j];
-            }
-            int64_t d = 0;
-            for (; d + 64 <= D; d += 64) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, cache_bf16, 8);
-            for (; d < D; d += 8) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, cache_bf16, 1);
-            for (d = 0; d < D; d++) store1(out, bh * D + d, o[d], act_bf16);
+            if (!cache_bf16) attend(qv, kb, vb, n, D, scale, scores, o, F32);
+            else if (D % 16) attend(qv, kb, vb, n, D, scale, scores, o, BF16);
+            else attend(qv, kb, vb, n, D, scale, scores, o, PAIRS);
+            for (int64_t d = 0; d < D; d += 8) store8_of(out, bh * D + d, _mm256_loadu_ps(o + d), act_bf16);
         }
         free(scores);
     }

@@ -25,7 +25,12 @@ void kataru_rms_norm(const void *x, const void *weight, void *out, int64_t M, in
             sum += v * v;
         }
         float r = 1.0f / sqrtf(sum / (float)D + eps);
-        for (i = 0; i < D; i++) {
+        for (i = 0; i + 8 <= D; i += 8) {
+            __m256 n = _mm256_mul_ps(load8_of(x, row + i, act_bf16), _mm256_set1_ps(r));
+            if (act_bf16) n = round8_bf16(n);
+            store8_of(out, row + i, _mm256_mul_ps(load8_of(weight, i, act_bf16), n), act_bf16);
+        }
+        for (; i < D; i++) {
             float n = load1(x, row + i, act_bf16) * r;
             if (act_bf16) n = bf16_to_float(float_to_bf16(n)); /* torch rounds x * r to bf16 before the weight */
             store1(out, row + i, load1(weight, i, act_bf16) * n, act_bf16);
