@@ -39,15 +39,26 @@ static inline __m256 exp8(__m256 x) {
  * so sixteen values take one load and two integer operations instead of two loads and four. */
 enum { F32 = 0, BF16 = 1, PAIRS = 2 };
 
+/* Ask for the bytes [from, to) of p in L2. The hardware's prefetcher alone leaves the memory idle while a
+ * block's FMAs run: reading the keys, then the values, a step took the time of both (a read-only pass over the
+ * same bytes runs at 45-50 GB/s, the kernel ran at 25-30). So the values of a block of keys, and the next
+ * pair's keys while the values are summed, are requested ahead. */
+static inline __attribute__((always_inline)) void prefetch(const char *p, int64_t from, int64_t to) {
+    for (int64_t l = from; l < to; l += 64) _mm_prefetch(p + l, _MM_HINT_T1);
+}
+
 /* o[d, d + 8C) = sum_i p_i v_i[d, d + 8C) / sum: C vectors of every value row in registers, rows in order
- * (PAIRS: C / 2 pairs of vectors, values 2i and 2i + 1 apart, put back in order at the end). */
+ * (PAIRS: C / 2 pairs of vectors, values 2i and 2i + 1 apart, put back in order at the end). Row i of `ahead`
+ * (if any) is prefetched with value row i. */
 static inline __attribute__((always_inline)) void weighted_sum(const float *p, const char *v, int64_t n, int64_t D,
                                                                int64_t d, float inv, float *o, const int mode,
-                                                               const int C) {
+                                                               const int C, const char *ahead) {
     __m256 acc[8];
     const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    const int64_t row_bytes = D * (mode == F32 ? 4 : 2);
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i++) {
+        if (ahead) prefetch(ahead, i * row_bytes, (i + 1) * row_bytes);
         __m256 w = _mm256_set1_ps(p[i]);
         if (mode == PAIRS) {
             for (int c = 0; c < C; c += 2) {
@@ -116,15 +127,18 @@ static inline __m256 hsum8(const __m256 *a) {
  * their maximum. Eight keys at a time, one accumulator each: with one chain per key every step waits on the
  * FMA before it, and the keys stream in at a quarter of the memory's speed. Past the last key the block
  * repeats it, so that every score is the same sum in the same order. PAIRS: q in the order the pairs come in
- * (per 16 values: the even ones, then the odd ones). */
-static inline __attribute__((always_inline)) float key_scores(const float *q, const char *kb, int64_t n, int64_t D,
-                                                              float scale, float *scores, const int mode) {
+ * (per 16 values: the even ones, then the odd ones). The value rows vb of each block are prefetched. */
+static inline __attribute__((always_inline)) float key_scores(const float *q, const char *kb, const char *vb,
+                                                              int64_t n, int64_t D, float scale, float *scores,
+                                                              const int mode) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    const int64_t row_bytes = D * (mode == F32 ? 4 : 2);
     __m256 best = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 8) {
         int64_t key[8];
         __m256 acc[8];
         for (int c = 0; c < 8; c++) key[c] = (j + c < n ? j + c : n - 1) * D, acc[c] = _mm256_setzero_ps();
+        prefetch(vb, j * row_bytes, (j + 8 < n ? j + 8 : n) * row_bytes);
         if (mode == PAIRS) {
             for (int64_t d = 0; d < D; d += 16) {
                 __m256 even = _mm256_loadu_ps(q + d), odd = _mm256_loadu_ps(q + d + 8);
@@ -147,17 +161,18 @@ static inline __attribute__((always_inline)) float key_scores(const float *q, co
     return hmax(best);
 }
 
-/* One (row, head) pair: its rotated query qv over n keys and values at kb, vb; out its D results. */
+/* One (row, head) pair: its rotated query qv over n keys and values at kb, vb; out its D results. `ahead`: the
+ * next pair's keys (or NULL), prefetched while this pair sums its values. */
 static inline __attribute__((always_inline)) void attend(const float *qv, const char *kb, const char *vb, int64_t n,
                                                          int64_t D, float scale, float *scores, float *o,
-                                                         const int mode) {
+                                                         const int mode, const char *ahead) {
     float q[512];
     if (mode == PAIRS) {
         for (int64_t d = 0; d < D; d += 16)
             for (int i = 0; i < 8; i++) q[d + i] = qv[d + 2 * i], q[d + 8 + i] = qv[d + 2 * i + 1];
         qv = q;
     }
-    float best = key_scores(qv, kb, n, D, scale, scores, mode);
+    float best = key_scores(qv, kb, vb, n, D, scale, scores, mode);
     __m256 total = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -172,9 +187,9 @@ static inline __attribute__((always_inline)) void attend(const float *qv, const 
         sum += scores[j];
     }
     int64_t d = 0;
-    for (; d + 64 <= D; d += 64) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, 8);
-    for (; d < D; d += mode == PAIRS ? 16 : 8)
-        weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, mode == PAIRS ? 2 : 1);
+    for (; d + 64 <= D; d += 64, ahead = 0) weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, 8, ahead);
+    for (; d < D; d += mode == PAIRS ? 16 : 8, ahead = 0)
+        weighted_sum(scores, vb, n, D, d, 1.0f / sum, o, mode, mode == PAIRS ? 2 : 1, ahead);
 }
 
 /* qkv [B, (H + 2 Hkv) D]: each row's queries, keys and values; rope [4, B, rot] its cos and sin tables for
@@ -212,10 +227,14 @@ void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, voi
             float qv[512], o[512];
             rotate(qkv, b * width + h * D, cos_q, sin_q, b * rot, rot, D, act_bf16, qv);
             int64_t base = ((rows[b] * Hkv + h / group) * S + first) * D;
-            const char *kb = (const char *)k + base * esize, *vb = (const char *)v + base * esize;
-            if (!cache_bf16) attend(qv, kb, vb, n, D, scale, scores, o, F32);
-            else if (D % 16) attend(qv, kb, vb, n, D, scale, scores, o, BF16);
-            else attend(qv, kb, vb, n, D, scale, scores, o, PAIRS);
+            const char *kb = (const char *)k + base * esize, *vb = (const char *)v + base * esize, *ahead = 0;
+            if (bh + 1 < B * H) { /* the next pair's first key: its row, its head's kv head, its window */
+                int64_t b2 = (bh + 1) / H, s2 = slots[b2], f2 = window > 0 && s2 - window + 1 > 0 ? s2 - window + 1 : 0;
+                ahead = (const char *)k + ((rows[b2] * Hkv + (bh + 1) % H / group) * S + f2) * D * esize;
+            }
+            if (!cache_bf16) attend(qv, kb, vb, n, D, scale, scores, o, F32, ahead);
+            else if (D % 16) attend(qv, kb, vb, n, D, scale, scores, o, BF16, ahead);
+            else attend(qv, kb, vb, n, D, scale, scores, o, PAIRS, ahead);
             for (int64_t d = 0; d < D; d += 8) store8_of(out, bh * D + d, _mm256_loadu_ps(o + d), act_bf16);
         }
         free(scores);
