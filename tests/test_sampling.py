@@ -108,3 +108,17 @@ def test_openai_penalties_follow_the_openai_formula() -> None:
     expected[7] -= 0.5 * 3 + 1.5
     assert torch.allclose(got, expected)
     assert apply_openai_penalties(logits, None, 0.5, 1.5) is logits
+
+
+def test_greedy_pick_is_torchs_argmax_ties_and_masks_included() -> None:
+    """numpy's argmax (the CPU's greedy pick) takes the first of equal logits, as torch.argmax does, on rows
+    from bf16 (many ties), with masked (-inf) logits and on a non-contiguous row."""
+    from kataru.sampling import first_max
+
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(64, 99584, generator=g) * 4).bfloat16().float()
+    rows[:, ::3] = -float("inf")
+    rows[7, [5, 900, 77777]] = 1000.0  # a three-way tie
+    assert [first_max(r) for r in rows] == rows.argmax(-1).tolist()
+    assert first_max(rows[7]) == 5
+    assert first_max(rows.t()[11]) == int(rows.t()[11].argmax())
