@@ -158,7 +158,7 @@ def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: 
 def first_max(logits: Tensor) -> int:
     """The index of the largest logit, the first of equal ones (torch.argmax's rule): on the CPU numpy's
     vectorised argmax, some ten times faster than torch's over a 100k-token vocabulary (60 µs a row)."""
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):  # numpy has no bf16
         return int(np.argmax(logits.detach().numpy()))
     return int(logits.argmax())
 

@@ -122,3 +122,5 @@ def test_greedy_pick_is_torchs_argmax_ties_and_masks_included() -> None:
     assert [first_max(r) for r in rows] == rows.argmax(-1).tolist()
     assert first_max(rows[7]) == 5
     assert first_max(rows.t()[11]) == int(rows.t()[11].argmax())
+    half = rows[:4].bfloat16()  # numpy has no bf16: torch's argmax then
+    assert [first_max(r) for r in half] == half.argmax(-1).tolist()
