@@ -39,6 +39,18 @@ static inline __m256 exp8(__m256 x) {
  * so sixteen values take one load and two integer operations instead of two loads and four. */
 enum { F32 = 0, BF16 = 1, PAIRS = 2 };
 
+/* sixteen bf16 values at element offset i of p, as PAIRS reads them: values 2i in *even, 2i + 1 in *odd */
+static inline __attribute__((always_inline)) void load_pairs(const void *p, int64_t i, __m256 *even, __m256 *odd) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000)));
+}
+
+/* the first slot a query at `slot` sees: slot - window + 1 with a sliding window, else 0 */
+static inline int64_t first_slot(int64_t slot, int64_t window) {
+    return window > 0 && slot - window + 1 > 0 ? slot - window + 1 : 0;
+}
+
 /* Ask for the bytes [from, to) of p in L2. The hardware's prefetcher alone leaves the memory idle while a
  * block's FMAs run: reading the keys, then the values, a step took the time of both (a read-only pass over the
  * same bytes runs at 45-50 GB/s, the kernel ran at 25-30). So the values of a block of keys, and the next
@@ -54,7 +66,6 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
                                                                int64_t d, float inv, float *o, const int mode,
                                                                const int C, const char *ahead) {
     __m256 acc[8];
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
     const int64_t row_bytes = D * (mode == F32 ? 4 : 2);
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i++) {
@@ -62,9 +73,10 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
         __m256 w = _mm256_set1_ps(p[i]);
         if (mode == PAIRS) {
             for (int c = 0; c < C; c += 2) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i * D + d + 8 * c));
-                acc[c] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[c]);
-                acc[c + 1] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc[c + 1]);
+                __m256 even, odd;
+                load_pairs(v, i * D + d + 8 * c, &even, &odd);
+                acc[c] = _mm256_fmadd_ps(w, even, acc[c]);
+                acc[c + 1] = _mm256_fmadd_ps(w, odd, acc[c + 1]);
             }
         } else {
             for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, load8_of(v, i * D + d + 8 * c, mode), acc[c]);
@@ -131,7 +143,6 @@ static inline __m256 hsum8(const __m256 *a) {
 static inline __attribute__((always_inline)) float key_scores(const float *q, const char *kb, const char *vb,
                                                               int64_t n, int64_t D, float scale, float *scores,
                                                               const int mode) {
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
     const int64_t row_bytes = D * (mode == F32 ? 4 : 2);
     __m256 best = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 8) {
@@ -141,11 +152,12 @@ static inline __attribute__((always_inline)) float key_scores(const float *q, co
         prefetch(vb, j * row_bytes, (j + 8 < n ? j + 8 : n) * row_bytes);
         if (mode == PAIRS) {
             for (int64_t d = 0; d < D; d += 16) {
-                __m256 even = _mm256_loadu_ps(q + d), odd = _mm256_loadu_ps(q + d + 8);
+                __m256 q_even = _mm256_loadu_ps(q + d), q_odd = _mm256_loadu_ps(q + d + 8);
                 for (int c = 0; c < 8; c++) {
-                    __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kb + key[c] + d));
-                    acc[c] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[c]);
-                    acc[c] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc[c]);
+                    __m256 even, odd;
+                    load_pairs(kb, key[c] + d, &even, &odd);
+                    acc[c] = _mm256_fmadd_ps(q_even, even, acc[c]);
+                    acc[c] = _mm256_fmadd_ps(q_odd, odd, acc[c]);
                 }
             }
         } else {
@@ -218,7 +230,7 @@ void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, voi
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             int64_t b = bh / H, h = bh % H, slot = slots[b];
-            int64_t first = window > 0 && slot - window + 1 > 0 ? slot - window + 1 : 0, n = slot + 1 - first;
+            int64_t first = first_slot(slot, window), n = slot + 1 - first;
             if (n + 8 > cap) {
                 free(scores);
                 cap = n + 8;
@@ -229,8 +241,8 @@ void kataru_decode_attention(const void *qkv, const void *rope, int64_t rot, voi
             int64_t base = ((rows[b] * Hkv + h / group) * S + first) * D;
             const char *kb = (const char *)k + base * esize, *vb = (const char *)v + base * esize, *ahead = 0;
             if (bh + 1 < B * H) { /* the next pair's first key: its row, its head's kv head, its window */
-                int64_t b2 = (bh + 1) / H, s2 = slots[b2], f2 = window > 0 && s2 - window + 1 > 0 ? s2 - window + 1 : 0;
-                ahead = (const char *)k + ((rows[b2] * Hkv + (bh + 1) % H / group) * S + f2) * D * esize;
+                int64_t b2 = (bh + 1) / H, first2 = first_slot(slots[b2], window);
+                ahead = (const char *)k + ((rows[b2] * Hkv + (bh + 1) % H / group) * S + first2) * D * esize;
             }
             if (!cache_bf16) attend(qv, kb, vb, n, D, scale, scores, o, F32, ahead);
             else if (D % 16) attend(qv, kb, vb, n, D, scale, scores, o, BF16, ahead);
