@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,6 +181,27 @@ def bucket(rows: int) -> str:
     return "1" if rows <= 1 else "2-8" if rows <= 8 else "9-64" if rows <= 64 else "prompt"
 
 
+_pin = threading.local()
+
+
+@contextlib.contextmanager
+def pinned(rows: int) -> Iterator[None]:
+    """Inside the block (on this thread), decode calls of up to 64 rows take the paths the plan gives a decode
+    batch of `rows` rows, whatever their own row count: speculation verifies the proposals of a batch of B
+    sequences in B + k rows computed as a plain step of those B computes each row (`engine.speculate`)."""
+    saved = getattr(_pin, "bucket", None)
+    _pin.bucket = bucket(rows)
+    try:
+        yield
+    finally:
+        _pin.bucket = saved
+
+
+def _bucket(rows: int) -> str:
+    held = getattr(_pin, "bucket", None)
+    return held if held is not None and rows <= ROWS["9-64"] * 2 else bucket(rows)
+
+
 def choose(layer: Planned, x: Tensor) -> str:
     """The path for this call: the plan's where one was made for this kind of layer and the path can run now,
     else the fixed rule."""
@@ -189,7 +211,7 @@ def choose(layer: Planned, x: Tensor) -> str:
         return layer.torch_path(x, rows)
     plan = _state["plans"].get(plan_key(layer)) or _state["kinds"].get(layer.plan_kind)
     if how != "kernels" and plan is not None:
-        path = plan.path(bucket(rows), _state["invariant"])
+        path = plan.path(_bucket(rows), _state["invariant"])
         if path is not None and layer.can_run(path, x):
             return path
     return layer.default_path(x, rows)
@@ -228,7 +250,7 @@ def step_path(kind: str, dtype: torch.dtype, rows: int) -> str:
     if how in ("torch", "kernels"):
         return "torch" if how == "torch" else "kernel"
     plan = _state["kinds"].get(f"{kind}-{SHORT.get(dtype, dtype)}")
-    return (plan.path(bucket(rows), _state["invariant"]) if plan is not None else None) or "kernel"
+    return (plan.path(_bucket(rows), _state["invariant"]) if plan is not None else None) or "kernel"
 
 
 def plan_key(layer: Planned) -> str:

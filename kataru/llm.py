@@ -20,6 +20,7 @@ from kataru import cards, dispatch
 from kataru.checkpoint import load_weights
 from kataru.config import ModelConfig, read_config_file
 from kataru.engine import Engine, Request
+from kataru.engine.speculate import DEFAULT_NGRAM, DEFAULT_TOKENS, Draft, Options, acceptance, check_draft, parse_method
 from kataru.errors import KataruError
 from kataru.files import read_json
 from kataru.prompts import Message, PromptStyle, detect_style, get_style
@@ -40,6 +41,7 @@ class Completion:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str
+    speculation: dict[str, Any] | None = None  # proposals verified and kept, when the request speculated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,11 +51,15 @@ class LLM:
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
                  progress: bool | None = None, quantize: str | None = None, compile: bool = False,
                  max_batch: int = 8, max_cache_tokens: int | None = None,
-                 idle_cache_tokens: int | None = None, batch_invariant: bool = False) -> None:
+                 idle_cache_tokens: int | None = None, batch_invariant: bool = False, speculate: str | None = None,
+                 speculate_tokens: int = DEFAULT_TOKENS, speculate_ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
         """max_batch: requests decoded together; max_cache_tokens: the KV cache's budget in tokens (default
         max_batch x the context); idle_cache_tokens: what the cache keeps when no call runs (default one
         context's worth, the conversation of a chat); batch_invariant: one matmul path for every decode batch
-        size, so that a request decodes to the same bits alone or batched (`kataru.dispatch`)."""
+        size, so that a request decodes to the same bits alone or batched (`kataru.dispatch`); speculate:
+        "ngram" or "draft:FOLDER", speculative decoding for every call that does not say otherwise (greedy:
+        the same tokens; sampling: the same distribution), with at most `speculate_tokens` proposals per step
+        and prompt lookup over n-grams of speculate_ngram = (min, max) tokens."""
         folder = Path(folder)
         if not folder.is_dir():
             if folder == DEFAULT_MODEL:
@@ -66,26 +72,47 @@ class LLM:
         hf_config = read_config_file(folder)
         self.config = ModelConfig.from_hf(hf_config)
         self.tokenizer = Tokenizer(folder)
-        saved = read_quantization(folder)
-        if saved:
-            self.model = load_quantized(folder, self.config, saved, device, dtype, quantize)
-        else:
-            self.model = load_weights(folder, self.config, resolve_dtype(dtype, self.config), device, progress)
-            if quantize:
-                quantize_model(self.model, quantize)
-        if torch.device(device).type == "cpu":  # which matmul path runs each kind of layer here (measured once per CPU)
-            dispatch.prepare(self.model, progress=bool(progress))
+        self.device, self.progress = device, progress
+        self.model = load_model(folder, self.config, dtype, device, quantize, progress)
         self.dtype = self.model.tok_embeddings.weight.dtype
         self.quantization: str | None = getattr(self.model, "quantization", None)
         generation_config = read_json(folder / "generation_config.json", "fix or delete it", default={})
         self.prompt_style = prompt_style_of(folder, self.tokenizer, prompt_style)
         sampling, self.sampling_source = cards.defaults(folder, self.config.family, hf_config, generation_config)
         self.defaults = SamplingParams().updated(**sampling)
+        method, draft_folder = parse_method(speculate)
+        options = Options(None, speculate_tokens, *speculate_ngram).validate()  # bad numbers refused before a load
+        if draft_folder is not None:
+            options.draft = self._load_draft(draft_folder)
+        options.method = None if method == "off" else method
         self.engine = Engine(self.model, self._eos_ids(generation_config), max_batch=max_batch,
                              max_cache_tokens=max_cache_tokens, compile=compile, tokenizer=self.tokenizer,
                              postprocess=self.prompt_style.postprocess, grow=True, batch_invariant=batch_invariant,
                              idle_cache_tokens=self.config.max_seq_len if idle_cache_tokens is None
-                             else idle_cache_tokens)
+                             else idle_cache_tokens, speculation=options.validate())
+        if options.method is not None:
+            self.engine.speculator.prepare()  # the step costs measured now, not at the first request
+
+    def _load_draft(self, folder: str | Path) -> Draft:
+        """A draft checkpoint for speculation, in this model's dtype and quantization, refused in one line when its
+        tokenizer is not this model's."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise KataruError(f"draft folder {folder} does not exist; give the path of a local checkpoint folder "
+                              "with the model's tokenizer")
+        config = ModelConfig.from_hf(read_config_file(folder))
+        check_draft(self.tokenizer, Tokenizer(folder), self.config.vocab_size, config.vocab_size)
+        model = load_model(folder, config, dtype_name(self.dtype), self.device, self.quantization
+                           if getattr(self, "quantization", None) else None, self.progress)
+        return Draft(model, str(folder))
+
+    def _draft_for(self, folder: str) -> None:
+        """The engine drafts with `folder` from now on (loaded at the first call that asks for it)."""
+        draft = self.engine.speculator.draft
+        if draft is None:
+            self.engine.attach_draft(self._load_draft(folder))
+        elif Path(draft.name).resolve() != Path(folder).resolve():
+            raise KataruError(f"this model already drafts with {draft.name}; load another LLM to draft with {folder}")
 
     @property
     def eos_ids(self) -> set[int]:
@@ -129,7 +156,16 @@ class LLM:
                          "budget_tokens": stats["budget_tokens"]},
             "cpu": dispatch.cpu(),
             "dispatch": {"mode": dispatch.mode(), "plan": dispatch.table(dispatch.plans_for(self.model))},
+            "speculation": self.speculation_info(),
         }
+
+    def speculation_info(self) -> dict[str, Any]:
+        """The engine's speculation: method, proposals per step at most, n-gram lengths, draft, and the totals."""
+        spec = self.engine.speculator
+        o, totals = spec.options, spec.totals
+        return {"method": o.method, "tokens": o.tokens, "ngram": [o.min_ngram, o.max_ngram],
+                "draft": None if o.draft is None else o.draft.name, "drafts": totals["drafts"],
+                **acceptance(totals["draft_tokens"], totals["accepted_tokens"])}
 
     # --- prompts ---------------------------------------------------------------------------------
     def prompt_text(self, prompt: Prompt, inputs: str | None = None, system: str | None = None,
@@ -151,6 +187,12 @@ class LLM:
     def sampling(self, **overrides: Any) -> SamplingParams:
         if overrides.get("temperature") == 0:
             overrides["do_sample"] = False
+        if "speculate" in overrides:  # "ngram", "draft:FOLDER", "draft" (the loaded one), "off" or False, None
+            value = overrides["speculate"]
+            method, folder = ("draft", None) if value == "draft" else parse_method(value)
+            if folder is not None:
+                self._draft_for(folder)
+            overrides["speculate"] = method
         return self.defaults.updated(**overrides)
 
     def complete(self, prompts: list[Prompt], inputs: str | None = None, system: str | None = None,
@@ -205,7 +247,10 @@ class LLM:
         if request.finish_reason == "error":
             raise KataruError(request.error or "the engine failed")
         assert request.finish_reason is not None
-        return Completion(request.text, list(request.tokens), request.prompt, request.finish_reason)
+        spec = request.spec
+        return Completion(request.text, list(request.tokens), request.prompt, request.finish_reason,
+                          None if spec is None else {"method": spec.method, "steps": spec.steps,
+                                                     **acceptance(spec.proposed, spec.accepted)})
 
     def save_quantized(self, out: str | Path) -> Path:
         """Write a quantized copy of this checkpoint folder that kataru loads back as it is."""
@@ -235,6 +280,22 @@ class LLM:
         return self.model(tokens).float()
 
 
+def load_model(folder: Path, config: ModelConfig, dtype: str, device: str, quantize: str | None,
+               progress: bool | None) -> Any:
+    """A checkpoint folder's model on `device`, quantized as asked (or as a quantized folder was saved), with the
+    dispatch plans of its layers made on the CPU (measured once per CPU)."""
+    saved = read_quantization(folder)
+    if saved:
+        model = load_quantized(folder, config, saved, device, dtype, quantize)
+    else:
+        model = load_weights(folder, config, resolve_dtype(dtype, config), device, progress)
+        if quantize:
+            quantize_model(model, quantize)
+    if torch.device(device).type == "cpu":  # which matmul path runs each kind of layer here (measured once per CPU)
+        dispatch.prepare(model, progress=bool(progress))
+    return model
+
+
 def prompt_style_of(folder: Path, tokenizer: Tokenizer, name: str | None = None) -> PromptStyle:
     """The prompt style a checkpoint folder is used with: `name` when given, a seed card's, else what the
     tokenizer and the architecture say (a chat template, rinna's `<NL>`, alpaca-ja for StableLM and Mistral)."""
@@ -249,13 +310,18 @@ def prompt_style_of(folder: Path, tokenizer: Tokenizer, name: str | None = None)
 def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "cpu", prompt_style: str | None = None,
          progress: bool | None = None, quantize: str | None = None, compile: bool = False,
          max_batch: int = 8, max_cache_tokens: int | None = None, idle_cache_tokens: int | None = None,
-         batch_invariant: bool = False) -> LLM:
+         batch_invariant: bool = False, speculate: str | None = None, speculate_tokens: int = DEFAULT_TOKENS,
+         speculate_ngram: tuple[int, int] = DEFAULT_NGRAM) -> LLM:
     """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
 
     compile: run the one-token decode step through torch.compile (eager fallback when unavailable).
+    speculate: "ngram" (prompt lookup) or "draft:FOLDER" (a smaller checkpoint with the same tokenizer):
+    speculative decoding with the model's own tokens (greedy) or distribution (sampling); any call may pass
+    speculate= too ("off" turns it off for that call).
 
     With no folder, the embedded kataru-tiny-ja model that ships inside the package.
     """
     return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
                progress=progress, quantize=quantize, compile=compile, max_batch=max_batch,
-               max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens, batch_invariant=batch_invariant)
+               max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens, batch_invariant=batch_invariant,
+               speculate=speculate, speculate_tokens=speculate_tokens, speculate_ngram=speculate_ngram)

@@ -42,6 +42,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token came in the answer
     logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
     grammar: str | None = None  # an llguidance grammar (JSON) the answer must follow (`kataru.grammar`)
+    speculate: str | None = None  # ngram, draft or off: this request's speculative decoding (None: the engine's)
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +81,8 @@ class SamplingParams:
             (self.logprobs is None or (number(self.logprobs, True) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be a whole number in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
             (self.grammar is None or isinstance(self.grammar, str), "grammar must be a string"),
+            (self.speculate in (None, "off", "ngram", "draft"),
+             f"speculate must be ngram, draft or off, got {self.speculate!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -146,13 +149,40 @@ def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams, counts:
 
 
 def pick_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None,
-               counts: Tensor | None = None, allowed: Tensor | None = None) -> int:
-    """The next token; `allowed` [V] bool: the tokens a grammar allows."""
+               counts: Tensor | None = None, allowed: Tensor | None = None, proposal: int | None = None,
+               draft: Tensor | None = None) -> int:
+    """The next token; `allowed` [V] bool: the tokens a grammar allows. With a speculative `proposal` (drawn from
+    the distribution `draft`, None: proposed for certain, as prompt lookup does), sampling keeps it or draws
+    another so that the token is still a draw from the model's distribution (`speculative_draw`); greedy
+    decoding takes the model's own pick either way."""
     logits = process_logits(logits.float(), seen, params, counts, allowed)
     if params.greedy:
         return first_max(logits)
     probs = logits.softmax(dim=-1)
+    if proposal is not None:
+        return speculative_draw(probs, proposal, draft, generator)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def speculative_draw(probs: Tensor, proposal: int, draft: Tensor | None, generator: torch.Generator | None) -> int:
+    """Leviathan et al. 2023 / Chen et al. 2023: keep a proposal d drawn from q with probability min(1, p(d)/q(d)),
+    else draw from (p - q)+ normalised. Then P(token = x) = min(p, q)(x) + (1 - sum min(p, q)) (p - q)+(x) /
+    sum (p - q)+ = p(x): a draw from the model's p whatever q is. q = None is one-hot on d (a proposal that was
+    certain): keep d with probability p(d), else draw from p without d."""
+    p = float(probs[proposal])
+    q = 1.0 if draft is None else float(draft[proposal])
+    u = float(torch.rand((), generator=generator, device=probs.device))
+    if u * q < p:
+        return proposal
+    if draft is None:
+        residual = probs.clone()
+        residual[proposal] = 0
+    else:
+        residual = (probs - draft).clamp_(min=0)
+    total = float(residual.sum())
+    if total <= 0:  # p == q (to rounding): nothing to correct, and the draw above keeps d with probability ~1
+        return proposal
+    return int(torch.multinomial(residual / total, 1, generator=generator))
 
 
 def first_max(logits: Tensor) -> int:

@@ -30,7 +30,7 @@ def test_generate_json_matches_the_api(capsys: pytest.CaptureFixture, checkpoint
     folder = checkpoints["llama"][0]
     out = json.loads(run(capsys, "generate", folder, "自然言語処理とは何か", "--json", "--temperature", "0",
                          "--max-new-tokens", "12"))
-    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason"}
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "speculation"}
     expected = kataru.load(folder).complete(["自然言語処理とは何か"], temperature=0, max_new_tokens=12)[0]
     assert out == expected.to_dict()
     streamed = run(capsys, "generate", folder, "自然言語処理とは何か", "--temperature", "0", "--max-new-tokens", "12")

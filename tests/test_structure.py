@@ -17,7 +17,7 @@ FLOORS = [  # ground first
     ["engine"],
     ["llm", "shapes"],
     ["eval"],
-    ["bench", "train", "serve"],
+    ["bench", "bench_speculate", "train", "serve"],
     ["commands", "cli", "__main__", "__init__"],
 ]
 FLOOR = {room: n for n, rooms in enumerate(FLOORS) for room in rooms}

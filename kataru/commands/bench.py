@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kataru.commands.common import DTYPE_HELP
+from kataru.commands.common import DTYPE_HELP, add_speculation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="fewer layers than the real shape (quick runs)")
     p.add_argument("--compare", choices=["transformers"], help="run transformers on the same weights too")
     p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 512 timed for prefill; serve: 128)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens timed for decode")
+    p.add_argument("--new-tokens", type=int, help="tokens timed for decode (default 32; --speculate: 128 at most per "
+                                                  "answer)")
     p.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode steps")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both engines run there)")
@@ -29,10 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time (with --quantize: for the quantized layers too), and stop")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", help="write a PNG chart here")
+    add_speculation(p)
+    spec = p.add_argument_group("kataru bench MODEL --speculate: grounded and open-ended prompts at batch 1")
+    spec.add_argument("--limit", type=int, default=8, help="prompts per workload")
+    spec.add_argument("--cost-of", metavar="SHAPE|FOLDER",
+                      help="replay the answers on this model's measured step costs (e.g. llm-jp-3.1-1.8b)")
     serve = p.add_argument_group("kataru bench serve")
     serve.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:8000")
     serve.add_argument("--start", metavar="FOLDER", help="start `kataru serve FOLDER` here (with --quantize, "
-                                                          "--dtype) instead of giving --url")
+                                                          "--dtype, --speculate) instead of giving --url")
     serve.add_argument("--concurrency", default="8,32", help="concurrent streams, comma-separated")
     serve.add_argument("--requests", type=int, default=64, help="requests per concurrency at most")
     serve.add_argument("--seconds", type=float, default=300.0, help="seconds per concurrency at most")
@@ -40,13 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--api-key", help="bearer key of the server")
     serve.add_argument("--vocab", type=int, help="token ids of the random prompts stay below this (default: the "
                                                 "server's /tokenizer_info)")
-    serve.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run the same load against it")
+    serve.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run the same load against it "
+                                              "(--speculate: the same prompts, with and without its n-gram lookup)")
     serve.add_argument("--gguf", help="the GGUF model llama-server runs (the same weights)")
 
 
 def run(args: argparse.Namespace) -> None:
     if args.target == "serve":
         serve(args)
+        return
+    if args.speculate:
+        speculation(args)
         return
     import json
 
@@ -60,9 +70,27 @@ def run(args: argparse.Namespace) -> None:
         return
 
     report = run_bench(args.target or str(DEFAULT_MODEL), dtype=args.dtype, layers=args.layers,
-                       compare=args.compare, prompt_len=args.prompt_tokens or 512, new_tokens=args.new_tokens,
+                       compare=args.compare, prompt_len=args.prompt_tokens or 512, new_tokens=args.new_tokens or 32,
                        threads=args.threads, quantize=[m for m in (args.quantize or "").split(",") if m],
                        compile=args.compile, context=args.context, device=args.device, rounds=args.rounds)
+    print(json.dumps(report) if args.json else format_table(report))
+    if args.plot:
+        plot(report, args.plot)
+
+
+def speculation(args: argparse.Namespace) -> None:
+    import json
+
+    from kataru.bench_speculate import format_table, plot, run
+
+    if args.limit < 1:
+        from kataru.errors import KataruError
+
+        raise KataruError("--limit: give at least 1 prompt per workload")
+    report = run(args.target, args.speculate, args.speculate_tokens, (args.speculate_min_ngram,
+                 args.speculate_max_ngram), args.limit, args.new_tokens or 128, dtype=args.dtype,
+                 quantize=args.quantize, cost_of=args.cost_of, llama_server=args.llama_server, gguf=args.gguf,
+                 threads=args.threads or 2)
     print(json.dumps(report) if args.json else format_table(report))
     if args.plot:
         plot(report, args.plot)
@@ -92,7 +120,10 @@ def serve(args: argparse.Namespace) -> None:
         url = f"http://127.0.0.1:{free_port()}"
         command = [sys.executable, "-m", "kataru", "serve", args.start, "--port", url.rsplit(":", 1)[1],
                    "--max-num-seqs", str(max(concurrency)), "--dtype", args.dtype,
-                   *(["--quantize", args.quantize] if args.quantize else [])]
+                   *(["--quantize", args.quantize] if args.quantize else []),
+                   *(["--speculate", args.speculate, "--speculate-tokens", str(args.speculate_tokens),
+                      "--speculate-min-ngram", str(args.speculate_min_ngram), "--speculate-max-ngram",
+                      str(args.speculate_max_ngram)] if args.speculate else [])]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(url)

@@ -20,6 +20,7 @@ PROMPT = "ユーザー> "
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model(p)
     common.add_sampling(p)
+    common.add_speculation(p)
 
 
 def fit(llm: Any, history: list[dict[str, str]], system: str | None, new_tokens: int) -> int:

@@ -25,6 +25,31 @@ def add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="one matmul path for every batch size: a request decodes to the same bits alone or batched")
 
 
+def add_speculation(p: argparse.ArgumentParser) -> None:
+    from kataru.engine.speculate import DEFAULT_NGRAM, DEFAULT_TOKENS
+
+    group = p.add_argument_group("speculative decoding (greedy: the same tokens; sampling: the same distribution)")
+    group.add_argument("--speculate", metavar="ngram|draft:FOLDER",
+                       help="propose tokens by prompt lookup (ngram) or by a smaller checkpoint with the same "
+                            "tokenizer (draft:FOLDER), verify them in one pass, keep what the model agrees with")
+    group.add_argument("--speculate-tokens", type=int, default=DEFAULT_TOKENS, metavar="K",
+                       help="proposals per sequence and step at most (fewer where they do not pay)")
+    group.add_argument("--speculate-min-ngram", type=int, default=DEFAULT_NGRAM[0], metavar="N",
+                       help="prompt lookup: the shortest n-gram matched")
+    group.add_argument("--speculate-max-ngram", type=int, default=DEFAULT_NGRAM[1], metavar="N",
+                       help="prompt lookup: the longest n-gram matched (tried first)")
+
+
+def speculation(args: argparse.Namespace) -> dict[str, Any]:
+    """`kataru.load`'s speculation arguments from the flags."""
+    from kataru.engine.speculate import DEFAULT_NGRAM, DEFAULT_TOKENS
+
+    return {"speculate": getattr(args, "speculate", None),
+            "speculate_tokens": getattr(args, "speculate_tokens", DEFAULT_TOKENS),
+            "speculate_ngram": (getattr(args, "speculate_min_ngram", DEFAULT_NGRAM[0]),
+                                getattr(args, "speculate_max_ngram", DEFAULT_NGRAM[1]))}
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-style", help="llm-jp, alpaca-ja, rinna or raw (default: from the checkpoint)")
     p.add_argument("--system", help="replace the card's system message")
@@ -64,7 +89,8 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                 prompt_style=getattr(args, "prompt_style", None), quantize=args.quantize,
-                compile=getattr(args, "compile", False), batch_invariant=getattr(args, "batch_invariant", False))
+                compile=getattr(args, "compile", False), batch_invariant=getattr(args, "batch_invariant", False),
+                **speculation(args))
 
 
 def add_train_config(p: argparse.ArgumentParser, **defaults: Any) -> None:

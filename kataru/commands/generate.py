@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="the alpaca-ja 入力 field")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
     p.add_argument("--json", action="store_true",
-                   help='print {"text", "token_ids", "prompt_token_ids", "finish_reason"}')
+                   help='print {"text", "token_ids", "prompt_token_ids", "finish_reason", "speculation"}')
+    common.add_speculation(p)
 
 
 def run(args: argparse.Namespace) -> None:

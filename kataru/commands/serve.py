@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kataru.commands.common import DTYPE_HELP
+from kataru.commands.common import DTYPE_HELP, speculation
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-prompts", action="store_true", help="write prompts into the access log")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    from kataru.commands.common import add_speculation
+
+    add_speculation(p)
     scale = p.add_argument_group("replicas on Ray Serve (pip install 'kataru[cluster]')")
     scale.add_argument("--replicas", type=int, metavar="N", help="serve N replicas, each with its own engine and "
                                                                  "model copy, behind one HTTP entry")
@@ -96,7 +99,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """`kataru.load`'s arguments from the flags: one engine's, whether one process or each replica loads it."""
     return {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
             "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
-            "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant}
+            "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant,
+            **speculation(args)}
 
 
 def serve_replicas(args: argparse.Namespace, folder: Path, settings: Any) -> None:

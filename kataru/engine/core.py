@@ -38,6 +38,7 @@ from kataru import dispatch
 from kataru.engine import outputs
 from kataru.engine.runner import Runner, reason
 from kataru.engine.scheduler import Request, Resize, Scheduler
+from kataru.engine.speculate import Draft, Options, Proposal, Speculator
 from kataru.errors import KataruError
 from kataru.grammar import Grammars
 from kataru.model import Transformer
@@ -82,7 +83,7 @@ class Engine:
                  prefix_reuse: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  tokenizer: Tokenizer | None = None, postprocess: Callable[[str], str] = str,
                  grow: bool = False, idle_cache_tokens: int | None = None, batch_invariant: bool = False,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, speculation: Options | None = None) -> None:
         """max_batch rows of row_len slots (default: the model's context); a request must fit in one row.
 
         max_cache_tokens: the budget of reserved tokens (default max_batch * row_len).
@@ -95,6 +96,9 @@ class Engine:
             request decodes to the same bits alone or batched whatever the dispatch plan prefers.
         fuse: a step's last prompt chunk and its decode batch in one pass (the weights read once) where that
             gives both the bits of separate passes (`Runner.fuse`); False: always separately.
+        speculation: speculative decoding (`speculate.Options`: the method requests use unless they say, the
+            proposals per step at most, the n-gram lengths, a draft model); a request may ask for prompt lookup
+            whatever the engine's method is.
         """
         self.model = model
         self.eos_ids = set(eos_ids)
@@ -106,6 +110,7 @@ class Engine:
         self.scheduler = Scheduler(self.context, max_batch, row_len, budget, prefill_chunk, prefix_reuse, grow,
                                    idle_cache_tokens)
         self.runner = Runner(model, compile, fuse)
+        self.speculator = Speculator(model, speculation)
         self.fused_steps = 0  # steps whose last chunk went through with the decode batch
         if not grow:
             self._resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
@@ -125,11 +130,13 @@ class Engine:
         parameters that could not run."""
         check_prompt(prompt, self.model.config.vocab_size, self.context)
         params.validate()
+        request = Request(list(prompt), params)
+        self.speculator.check(request)
         if params.stop and self.tokenizer is None:
             raise KataruError("stop strings need text: build the engine with a tokenizer")
         if params.grammar is not None:
             self._grammars()  # the vocabulary is compiled once, and a broken grammar is refused now
-        request = Request(list(prompt), params, id=next(self.ids))
+        request.id = next(self.ids)
         request.times["submitted"] = time.monotonic()
         request.reserved = self.scheduler.reservation(len(prompt), params.max_new_tokens)
         with self._inbox_lock:
@@ -149,6 +156,13 @@ class Engine:
             finally:
                 self._lock.release()
 
+    def attach_draft(self, draft: Draft) -> None:
+        """Give the engine a draft model for speculation (its cache rows mirror the engine's from now on)."""
+        with self._lock:
+            self.speculator.options.draft = draft
+            if self.scheduler.rows:
+                draft.resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
+
     def _grammars(self) -> Grammars:
         if self.tokenizer is None:
             raise KataruError("a grammar needs the engine's tokenizer: build the engine with a tokenizer")
@@ -164,7 +178,8 @@ class Engine:
         return {"running": len(s.running), "prefilling": len(s.prefilling),
                 "waiting": len(s.waiting) + len(self._inbox), "cache_rows": s.rows, "cache_slots": s.slots,
                 "cache_bytes": cache.nbytes if cache else 0, "reserved_tokens": s.reserved,
-                "budget_tokens": s.budget, "reused_tokens": s.reused_tokens, "fused_steps": self.fused_steps}
+                "budget_tokens": s.budget, "reused_tokens": s.reused_tokens, "fused_steps": self.fused_steps,
+                **{f"spec_{name}": value for name, value in self.speculator.totals.items()}}
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self) -> list[Step]:
@@ -201,6 +216,8 @@ class Engine:
         events: list[Step] = []
         vocab, device = self.model.config.vocab_size, self.runner.device
         batch = [r for r in plan.decode if not r.done]
+        proposals = self.speculator.propose(batch, self.context, self.scheduler.slots) if batch else []
+        guesses = [p.tokens for p in proposals]
         decoded = None  # the batch's logits, once computed
         for i, chunk in enumerate(plan.prefill):
             request = chunk.request
@@ -215,7 +232,7 @@ class Engine:
             logits = None
             if batch and i == len(plan.prefill) - 1 and self.runner.fuse:
                 try:
-                    logits, decoded = self.runner.mixed(chunk, batch)
+                    logits, decoded = self.runner.mixed(chunk, batch, guesses)
                     self.fused_steps += 1
                 except Exception:  # each part again on its own, so that a failure ends only its own requests
                     logits = decoded = None
@@ -225,27 +242,60 @@ class Engine:
                 except Exception as err:
                     self._fail(request, err)
                     continue
+            self.speculator.prefilled(request, chunk.end)
             if self.scheduler.prefilled(chunk):
                 events.append(self._accept(request, logits, finite_rows(logits)[0]))
         if batch:
+            start = time.perf_counter()
             try:
-                logits = self.runner.decode(batch) if decoded is None else decoded
+                if decoded is None:
+                    with dispatch.pinned(len(batch)):  # every row computed as a plain step of this batch would
+                        logits = self.runner.decode(batch, guesses)
+                else:
+                    logits = decoded
             except Exception as err:
                 for request in batch:
                     self._fail(request, err)
                 return events
             logits = logits.float()  # once for the batch, not once per row in `outputs.accept` (exact from bf16)
             finite = finite_rows(logits)
-            events += [self._accept(r, logits[i], finite[i]) for i, r in enumerate(batch)]
+            if decoded is None:  # what a decode call of this many rows takes (speculation weighs its proposals by it)
+                context = sum(r.length + len(g) for r, g in zip(batch, guesses, strict=True))
+                self.speculator.observe(len(batch), len(finite), context, time.perf_counter() - start)
+            at = 0
+            for request, proposal in zip(batch, proposals, strict=True):
+                rows = 1 + len(proposal.tokens)
+                events += self._verify(request, logits[at:at + rows], finite[at:at + rows], proposal)
+                at += rows
         return events
 
-    def _accept(self, request: Request, logits: torch.Tensor, finite: bool) -> Step:
+    def _verify(self, request: Request, logits: torch.Tensor, finite: list[bool], proposal: Proposal) -> list[Step]:
+        """A request's rows of a decode step in order, each taken as a decode step of its own would take it, while
+        the model's token equals the next proposal (one row and no proposal: a plain decode step)."""
+        steps, kept, start = [], 0, request.length
+        for i, row in enumerate(logits):
+            guess = proposal.tokens[i] if i < len(proposal.tokens) else None
+            drawn_from = proposal.probs[i] if proposal.probs and guess is not None else None
+            step = self._accept(request, row, finite[i], guess, drawn_from)
+            steps.append(step)
+            hit = guess is not None and step.token_id == guess
+            kept += hit
+            if step.finish_reason is not None or not hit:
+                break
+        if proposal.tokens:
+            self.speculator.verified(request, proposal, kept)
+            if not all(finite) and request.row is not None:  # rows past the kept ones overflowed: clear their slots
+                self.runner.clear(request.row, start + len(steps), start + len(logits))
+        return steps
+
+    def _accept(self, request: Request, logits: torch.Tensor, finite: bool, proposal: int | None = None,
+                drawn_from: torch.Tensor | None = None) -> Step:
         if not finite:
             self._fail(request, "the model's logits for this request are NaN or infinite (overflow in the "
                                 "weights' dtype?); try float32 or bfloat16", prefix=False)
             return Step(request.id, -1, "error")
         try:
-            finish = outputs.accept(request, logits, self.eos_ids, self.context)
+            finish = outputs.accept(request, logits, self.eos_ids, self.context, proposal, drawn_from)
         except Exception as err:
             self._fail(request, err)
             return Step(request.id, -1, "error")
@@ -259,6 +309,7 @@ class Engine:
 
     def _resize(self, resize: Resize) -> None:
         self.runner.resize(resize)
+        self.speculator.resize(resize)
         self.scheduler.applied(resize)
 
     def _finish(self, request: Request, finish: str) -> None:

@@ -94,13 +94,16 @@ def start(request: Request, vocab: int, device: torch.device, tokenizer: Tokeniz
                                      counts, text, matcher)
 
 
-def accept(request: Request, logits: Tensor, eos_ids: set[int], context: int) -> str | None:
-    """Sample the request's next token from its logits [V] and append it; the finish reason, if it ends."""
+def accept(request: Request, logits: Tensor, eos_ids: set[int], context: int, proposal: int | None = None,
+           draft: Tensor | None = None) -> str | None:
+    """Sample the request's next token from its logits [V] and append it; the finish reason, if it ends. A
+    speculative `proposal` (with the distribution it was drawn from) is kept or replaced by the rule that keeps
+    the token a draw from the model's own distribution (`sampling.pick_token`)."""
     state: SamplingState = request.sampling
     params = request.params
     logits = logits.float()
     allowed = state.matcher.allowed(logits.shape[-1]).to(logits.device) if state.matcher is not None else None
-    token = pick_token(logits, state.seen, params, state.generator, state.counts, allowed)
+    token = pick_token(logits, state.seen, params, state.generator, state.counts, allowed, proposal, draft)
     if params.logprobs is not None:  # the model's own distribution, before any sampling step (vLLM's default)
         logps = logits.log_softmax(-1)
         top = torch.topk(logps, params.logprobs) if params.logprobs else None

@@ -62,29 +62,49 @@ class Runner:
         return self.model.prefill(tokens, cache, row, chunk.start)[0]
 
     @torch.inference_mode()
-    def decode(self, batch: list[Request]) -> Tensor:
-        """Logits [B, V]: one step for every request of the batch, each at its own slot of its own row."""
-        return self.decode_step(*self._decode_inputs(batch))
+    def decode(self, batch: list[Request], proposals: list[list[int]] | None = None) -> Tensor:
+        """Logits [rows, V]: one step for every request of the batch, each at its own slot of its own row; a
+        request with proposals (speculation) takes one more row per proposal, at the next slots of its row."""
+        return self.decode_step(*self._decode_inputs(batch, proposals))
 
     @torch.inference_mode()
-    def mixed(self, chunk: Chunk, batch: list[Request]) -> tuple[Tensor, Tensor]:
-        """`prefill(chunk)` and `decode(batch)` in one pass (the caller checks `fuse`)."""
+    def mixed(self, chunk: Chunk, batch: list[Request],
+              proposals: list[list[int]] | None = None) -> tuple[Tensor, Tensor]:
+        """`prefill(chunk)` and `decode(batch, proposals)` in one pass (the caller checks `fuse`)."""
         tokens, _, row = self._chunk_inputs(chunk)
-        last, decoded = self.model.mixed(tokens, row, chunk.start, *self._decode_inputs(batch))
+        last, decoded = self.model.mixed(tokens, row, chunk.start, *self._decode_inputs(batch, proposals))
         return last[0], decoded
+
+    @torch.inference_mode()
+    def clear(self, row: int, start: int, end: int) -> None:
+        """Zero slots [start, end) of a cache row (rejected proposals whose keys overflowed: a masked slot must
+        not hold NaN, which a zero attention weight still spreads)."""
+        assert self.cache is not None
+        for tensor in (*self.cache.k, *self.cache.v):
+            tensor[row, :, start:end] = 0
 
     def _chunk_inputs(self, chunk: Chunk) -> tuple[Tensor, KVCache, int]:
         assert self.cache is not None and chunk.request.row is not None
         return (torch.tensor([chunk.request.prompt[chunk.start:chunk.end]], device=self.device), self.cache,
                 chunk.request.row)
 
-    def _decode_inputs(self, batch: list[Request]) -> tuple[Tensor, KVCache, Tensor, Tensor, int]:
+    def _decode_inputs(self, batch: list[Request],
+                       proposals: list[list[int]] | None = None) -> tuple[Tensor, KVCache, Tensor, Tensor, int]:
         assert self.cache is not None
-        tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)
-        lengths = [r.length for r in batch]
-        slots = torch.tensor(lengths, device=self.device)
-        rows = torch.tensor([r.row for r in batch], device=self.device)
-        return tokens, self.cache, rows, slots, max(lengths) + 1
+        if not proposals or not any(proposals):
+            tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)
+            lengths = [r.length for r in batch]
+            slots = torch.tensor(lengths, device=self.device)
+            rows = torch.tensor([r.row for r in batch], device=self.device)
+            return tokens, self.cache, rows, slots, max(lengths) + 1
+        ids, where, at = [], [], []
+        for r, extra in zip(batch, proposals, strict=True):
+            for j, token in enumerate([r.tokens[-1], *extra]):
+                ids.append([token])
+                where.append(r.row)
+                at.append(r.length + j)
+        return (torch.tensor(ids, device=self.device), self.cache, torch.tensor(where, device=self.device),
+                torch.tensor(at, device=self.device), max(at) + 1)
 
 
 def make_decode_step(model: Transformer, compile: bool = False) -> DecodeStep:

@@ -55,6 +55,7 @@ class Request:
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None  # why, when finish_reason is "error"
     sampling: Any = None  # the outputs' per-request state (generator, seen tokens, text stream)
+    spec: Any = None  # its speculation (`speculate.State`): proposer, acceptance so far, draft position
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, if asked
     times: dict[str, float] = field(default_factory=dict)  # submitted, admitted, first_token, finished
     wake: Callable[[], None] | None = None  # tells a waiting consumer that tokens or the end came

@@ -362,6 +362,7 @@ def sampling(llm: LLM, body: Sampling, prompt: list[int], max_tokens: int | None
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
         "stop_token_ids": body.stop_token_ids,
         "top_k": None if body.top_k is None else max(body.top_k, 0),
+        "speculate": "off" if body.speculate is False else None,
     }
     if body.temperature is not None:  # OpenAI: a temperature above 0 samples, 0 is greedy
         overrides.update(temperature=body.temperature, do_sample=body.temperature > 0)

@@ -136,11 +136,15 @@ async def load(url: str, concurrency: int, requests: int, seconds: float, prompt
     return run
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
+def wait_ready(url: str, timeout: float = 300, process: Any = None) -> None:
+    """Wait for the server's /health; a `process` (Popen) that exits first is an error at once."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise KataruError(f"the server for {url} exited with code {process.returncode} before it answered; run "
+                              f"its command by hand to see why: {' '.join(map(str, process.args))}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return

@@ -10,19 +10,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class EngineGauges:
-    """running, waiting and KV-cache usage, read from `stats()` at each scrape."""
+    """running, waiting, KV-cache usage and the speculation counters, read from `stats()` at each scrape."""
 
     def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
         self.stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.stats() or {}
         yield GaugeMetricFamily("kataru:num_requests_running", "Requests in the batch (prefilling or decoding).",
                                 value=stats.get("running", 0) + stats.get("prefilling", 0))
@@ -33,6 +33,12 @@ class EngineGauges:
                                 value=stats.get("reserved_tokens", 0) / budget)
         yield GaugeMetricFamily("kataru:kv_cache_bytes", "Bytes the KV cache holds now.",
                                 value=stats.get("cache_bytes", 0))
+        yield CounterMetricFamily("kataru:spec_decode_num_drafts", "Verifications of speculative proposals.",
+                                  value=stats.get("spec_drafts", 0))
+        yield CounterMetricFamily("kataru:spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.",
+                                  value=stats.get("spec_draft_tokens", 0))
+        yield CounterMetricFamily("kataru:spec_decode_num_accepted_tokens", "Speculative tokens the model kept.",
+                                  value=stats.get("spec_accepted_tokens", 0))
 
 
 class Metrics:

@@ -80,6 +80,7 @@ class Sampling(Strict):
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    speculate: bool | None = None  # kataru's: false decodes this request without the server's speculation
 
 
 class ChatRequest(Sampling):
