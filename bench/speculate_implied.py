@@ -20,15 +20,18 @@ from kataru.engine.speculate import Options, StepCost
 
 
 def llama_cost(path: str) -> StepCost:
-    """llama-bench's pp-n rows as the seconds to verify n tokens of one sequence (its tg run gives 1 as well)."""
+    """llama-bench's pp-n rows as the seconds to verify n tokens of one sequence, each at its fastest repetition
+    (kataru's calibration takes the best of two as well; llama-bench's first pp1 repetition is a cold start);
+    one token from its tg run, decode steps as plain decoding makes them."""
     rows = json.loads(open(path).read())
     base = {}
     for row in rows:
-        n = row["n_prompt"] or 0
+        n, fastest = row["n_prompt"] or 0, max(row["samples_ts"])
         if n and not row["n_gen"]:
-            base[n] = n / row["avg_ts"]
-        elif row["n_gen"] and not n:
-            base.setdefault(1, 1 / row["avg_ts"])
+            base[n] = n / fastest
+    for row in rows:
+        if row["n_gen"] and not row["n_prompt"]:
+            base[1] = 1 / max(row["samples_ts"])
     return StepCost(base, 0.0)
 
 

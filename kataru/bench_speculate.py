@@ -144,13 +144,13 @@ def replay(answers: list[dict[str, Any]], cost: StepCost, options: Options, adap
     """Decode seconds each answer implies under `cost`: plainly (adaptive None), or verifying prompt-lookup
     proposals chosen by the adaptive rule (or all of them), every step's rows priced by `cost`."""
     seconds = tokens = proposed = kept = steps = 0.0
+    spec = Speculator(None, Options("ngram", options.tokens, options.min_ngram, options.max_ngram,
+                                    adaptive=bool(adaptive)))  # type: ignore[arg-type]  # one engine, answer after answer
+    spec.costs["1"] = cost
     for answer in answers:
         prompt, target = answer["prompt_token_ids"], answer["token_ids"]
         if len(target) < 2:
             continue
-        spec = Speculator(None, Options("ngram", options.tokens, options.min_ngram, options.max_ngram,
-                                        adaptive=bool(adaptive)))  # type: ignore[arg-type]
-        spec.costs["1"] = cost
         request = Request(list(prompt), SamplingParams(max_new_tokens=len(target), do_sample=False,
                                                        speculate=None if adaptive is not None else "off"))
         request.tokens = [target[0]]

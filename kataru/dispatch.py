@@ -188,13 +188,19 @@ _pin = threading.local()
 def pinned(rows: int) -> Iterator[None]:
     """Inside the block (on this thread), decode calls of up to 64 rows take the paths the plan gives a decode
     batch of `rows` rows, whatever their own row count: speculation verifies the proposals of a batch of B
-    sequences in B + k rows computed as a plain step of those B computes each row (`engine.speculate`)."""
+    sequences in B + k rows computed as a plain step of those B computes each row (`engine.speculate`). For one
+    sequence, torch's attention also runs each row over its own slots, as its decode step would (`pinned_alone`)."""
     saved = getattr(_pin, "bucket", None)
     _pin.bucket = bucket(rows)
     try:
         yield
     finally:
         _pin.bucket = saved
+
+
+def pinned_alone() -> bool:
+    """Whether the calls on this thread compute rows as a plain step of one sequence would (`pinned(1)`)."""
+    return getattr(_pin, "bucket", None) == "1"
 
 
 def _bucket(rows: int) -> str:

@@ -387,7 +387,14 @@ class Attention(nn.Module):
         if cache is not None and at is not None:
             k, v = write_and_read(cache, k, v, at)
         gqa = c.n_kv_head != c.n_head
-        if mask is None:  # a fresh causal sequence, or one token over every slot before it
+        if isinstance(at, Decode) and b > 1 and mask is not None and dispatch.pinned_alone() and q.device.type == "cpu":
+            # Rows of one sequence (speculation) computed as its decode steps: each over its own slots, since
+            # SDPA over a longer, masked span rounds otherwise.
+            ends = (at.slots + 1).tolist()
+            y = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, :end], v[i:i + 1, :, :end],
+                                                          attn_mask=mask[i:i + 1, ..., :end], enable_gqa=gqa)
+                           for i, end in enumerate(ends)])
+        elif mask is None:  # a fresh causal sequence, or one token over every slot before it
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

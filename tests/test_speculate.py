@@ -19,7 +19,7 @@ import kataru
 from kataru import sampling as sampling_module
 from kataru.config import ModelConfig
 from kataru.engine import Engine
-from kataru.engine.speculate import Draft, NgramIndex, Options, Speculator, StepCost
+from kataru.engine.speculate import PRIOR, Draft, NgramIndex, Options, Speculator, StepCost
 from kataru.errors import KataruError
 from kataru.model import Transformer
 from kataru.sampling import SamplingParams, process_logits
@@ -112,23 +112,25 @@ def test_greedy_speculation_gives_the_tokens_of_plain_decoding(family: str, chec
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8", "int4"])
-def test_greedy_speculation_keeps_the_bits_where_the_kernels_are_row_invariant(weights: str, checkpoints: dict,
-                                                                               drafts: dict) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_speculation_keeps_the_bits_where_the_kernels_are_row_invariant(family: str, weights: str,
+                                                                               checkpoints: dict, drafts: dict) -> None:
     """In bf16 and with quantized weights the decode kernels give a row the same bits at any row count: the
-    k+1 rows of a verification are the bits of k+1 decode steps, so even the logits of every kept token are
-    those of plain decoding."""
+    k+1 rows of a verification are the bits of k+1 decode steps, so even the log-probability of every token is
+    that of plain decoding, in a batch of 8 and alone."""
     quantize = None if weights == "bfloat16" else weights
-    llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16", quantize=quantize)
-    draft = Draft(kataru.load(drafts["llama"], dtype="bfloat16", quantize=quantize).model)
+    llm = kataru.load(checkpoints[family][0], dtype="bfloat16", quantize=quantize)
+    draft = Draft(kataru.load(drafts[family], dtype="bfloat16", quantize=quantize).model)
     ps = looping_prompts(llm.config.vocab_size, [5, 30, 11, 18, 40, 9, 23, 14], seed=7)
     params = SamplingParams(max_new_tokens=20, do_sample=False, ignore_eos=True, logprobs=0, repetition_penalty=0.6)
-    outs = {}
-    for how, engine in engines(llm, draft, max_batch=8, prefill_chunk=8).items():
-        requests = [engine.submit(p, params) for p in ps]
-        engine.run()
-        outs[how] = [(r.tokens, r.logprobs) for r in requests]
-        assert how == "plain" or spec_totals(engine)[1] > 0
-    assert outs["ngram"] == outs["plain"] and outs["draft"] == outs["plain"]  # tokens and their log-probabilities
+    for batch in (8, 1):
+        outs = {}
+        for how, engine in engines(llm, draft, max_batch=batch, prefill_chunk=8).items():
+            requests = [engine.submit(p, params) for p in (ps if batch == 8 else ps[:3])]
+            engine.run()
+            outs[how] = [(r.tokens, r.logprobs) for r in requests]
+            assert how == "plain" or spec_totals(engine)[0] > 0
+        assert outs["ngram"] == outs["plain"] and outs["draft"] == outs["plain"], f"batch of {batch}"
 
 
 def test_speculation_in_fused_steps_and_through_prefix_reuse_and_cancellation(checkpoints: dict, tmp_path) -> None:
@@ -342,6 +344,24 @@ def test_the_rule_speculates_where_rows_are_cheap_and_stops_where_they_cost_thei
     assert linear.seconds(1, 0) == pytest.approx(2.0) and linear.seconds(2, 0) == pytest.approx(4.0)
 
 
+def test_acceptance_is_tracked_for_a_steps_first_proposal_and_for_the_runs_after_it() -> None:
+    """Copying comes in runs: a sequence whose first proposal is kept and then the rest too, one whose first
+    is kept and nothing after, and one whose proposals all fail are told apart, and old steps fade."""
+    from kataru.engine.speculate import State
+
+    runs, first_only, none = State("ngram"), State("ngram"), State("ngram")
+    for _ in range(10):
+        runs.record(8, 8)
+        first_only.record(8, 1)
+        none.record(8, 0)
+    assert runs.rates()[0] > 0.8 and runs.rates()[1] > 0.9
+    assert first_only.rates()[0] > 0.8 and first_only.rates()[1] < 0.25
+    assert none.rates()[0] < 0.2
+    for _ in range(10):
+        none.record(4, 4)  # the text turned to copying: the old failures fade
+    assert none.rates()[0] > 0.75
+
+
 def test_the_adaptive_rule_still_gives_plain_tokens(checkpoints: dict) -> None:
     llm = kataru.load(checkpoints["mistral"][0], dtype="float32", speculate="ngram")
     ps = looping_prompts(llm.config.vocab_size, [12, 33, 7], seed=9)
@@ -468,18 +488,24 @@ def test_a_verification_takes_the_paths_of_a_plain_step_of_its_batch(checkpoints
     plain decoding still."""
     from test_engine import planned
 
+    from kataru import dispatch
+
     llm = kataru.load(checkpoints["llama"][0], dtype="bfloat16")
     with planned(llm, tmp_path, {"1": "kernel", "2-8": "torch", "9-64": "torch", "prompt": "torch"}):
         ps = looping_prompts(llm.config.vocab_size, [30, 11, 40], seed=13)
         params = SamplingParams(max_new_tokens=20, do_sample=False, ignore_eos=True, logprobs=0,
                                 repetition_penalty=0.6)
-        outs = {}
-        for how, engine in engines(llm, Draft(llm.model), max_batch=1).items():
-            requests = [engine.submit(p, params) for p in ps]
-            engine.run()
-            outs[how] = [(r.tokens, r.logprobs) for r in requests]
-            assert how == "plain" or spec_totals(engine)[1] > 0
-        assert outs["ngram"] == outs["plain"] and outs["draft"] == outs["plain"]
+        for attention in ("kernel", "torch"):  # torch's SDPA: each row over its own slots, as its step would
+            ms = {"kernel": 1.0, "torch": 2.0} if attention == "kernel" else {"kernel": 2.0, "torch": 1.0}
+            for kind in ("attention", "norm"):
+                dispatch._state["kinds"][f"{kind}-bf16"] = dispatch.Plan(kind, dict.fromkeys(dispatch.DECODE, ms))
+            outs = {}
+            for how, engine in engines(llm, Draft(llm.model), max_batch=1).items():
+                requests = [engine.submit(p, params) for p in ps]
+                engine.run()
+                outs[how] = [(r.tokens, r.logprobs) for r in requests]
+                assert how == "plain" or spec_totals(engine)[1] > 0
+            assert outs["ngram"] == outs["plain"] and outs["draft"] == outs["plain"], f"{attention} attention"
 
 
 def test_the_llm_jp_pairing_drafts_with_its_tokenizer_and_another_generation_is_refused(tmp_path) -> None:
@@ -520,3 +546,40 @@ def test_the_llm_jp_pairing_drafts_with_its_tokenizer_and_another_generation_is_
     assert drafted.token_ids == plain.token_ids and drafted.speculation["method"] == "draft"
     with pytest.raises(KataruError, match=r"the draft's tokenizer differs from the model's: (token \d+ is|\d+ tokens)"):
         kataru.load(target, speculate=f"draft:{older}")
+
+
+def test_a_failing_draft_costs_its_requests_their_proposals_and_nothing_else(checkpoints: dict, capsys) -> None:
+    llm = kataru.load(checkpoints["llama"][0], dtype="float32")
+    broken = Draft(kataru.load(checkpoints["llama"][0], dtype="float32").model)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the draft's weights are gone")
+
+    broken.model.decode = fail  # type: ignore[method-assign]
+    ps = looping_prompts(llm.config.vocab_size, [12, 30], seed=4)
+    plain = run(Engine(llm.model, llm.eos_ids), ps, GREEDY)
+    engine = Engine(llm.model, llm.eos_ids, speculation=Options("draft", 4, draft=broken, adaptive=False))
+    assert run(engine, ps, GREEDY) == plain
+    assert engine.stats()["spec_draft_tokens"] == 0
+    err = capsys.readouterr().err
+    assert err.count("the draft model failed (RuntimeError: the draft's weights are gone)") == 1
+
+
+def test_lookups_not_worth_verifying_are_still_scored_and_new_sequences_start_from_the_engines_record() -> None:
+    """A sequence whose lookups the rule declines learns whether they would have been kept from the tokens that
+    come (no verification needed), and a sequence new to the engine starts from what its others kept."""
+    from kataru.engine.scheduler import Request
+
+    spec = Speculator(tiny_vocab_model(0), Options("ngram", 4, 1, 2))
+    spec.cost = lambda batch: StepCost({1: 1.0, 32: 40.0}, 0.0)  # type: ignore[method-assign]  # rows dear
+    request = Request([1, 2, 3, 4, 1, 2], SamplingParams(max_new_tokens=40))
+    request.tokens = [3]
+    (proposal,) = spec.propose([request], 64, 64)
+    assert proposal.tokens == [] and request.spec.shadow == (1, [4, 1, 2, 3])  # "2 3" looked up, not verified
+    request.tokens += [4, 1, 2]
+    spec.propose([request], 64, 64)
+    assert request.spec.shadow == (1, [4, 1, 2, 3]) and request.spec.counts == [0.0] * 4  # not known yet
+    request.tokens += [9]
+    spec.propose([request], 64, 64)
+    assert request.spec.counts == [1.0, 0.0, 2.0, 1.0]  # first kept, two more kept, the fourth not
+    assert spec.prior("ngram")[0] > PRIOR["ngram"][0]  # a sequence new to the engine expects more

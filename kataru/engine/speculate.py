@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -57,11 +58,13 @@ DEFAULT_NGRAM = (1, 5)  # n-gram lengths looked up, longest first (single tokens
 # Rows of one step at most: below the row counts where a decode step's RMSNorm and the dispatch plan's prompt
 # bucket take other paths (`Linear.upcast_rows`, `dispatch.bucket`), so a row's bits stay those of a decode step.
 MAX_ROWS = 31
-# Acceptance assumed before a sequence shows its own: of a step's first proposal, and of each further one once the
-# ones before it were kept (copying comes in runs: a kept proposal makes the next likelier).
+# Acceptance assumed before the engine has seen any: of a step's first proposal, and of each further one once the
+# ones before it were kept (copying comes in runs: a kept proposal makes the next likelier). A new sequence starts
+# from what the engine's sequences showed so far (the same method), weighed as PRIOR_WEIGHT verifications.
 PRIOR = {"ngram": (0.5, 0.7), "draft": (0.6, 0.7)}
 PRIOR_WEIGHT = 2.0
-DECAY = 0.8  # weight of the older acceptance counts at each verification
+DECAY = 0.8  # weight of a sequence's older acceptance counts at each verification
+ENGINE_DECAY = 0.95  # the same over all sequences (the prior of a new one)
 SHORT_GAP = 16  # a draft behind by more tokens than this catches up by a prefill, else as rows of a decode call
 
 
@@ -319,27 +322,35 @@ class State:
     method: str
     index: NgramIndex | None = None
     counts: list[float] = field(default_factory=lambda: [0.0] * 4)  # decayed: first kept, first not, next kept, not
+    shadow: tuple[int, list[int]] | None = None  # a lookup not verified (where its tokens start), scored as they come
     draft_len: int = 0  # tokens of the sequence whose keys the draft's cache row holds
     proposed: int = 0  # proposals verified, and those the model kept
     accepted: int = 0
     steps: int = 0  # verifications with at least one proposal
+    failed: bool = False  # its draft failed: it decodes on without proposals
 
-    @property
-    def rates(self) -> tuple[float, float]:
+    def rates(self, prior: tuple[float, float] | None = None) -> tuple[float, float]:
         """(P(a step's first proposal is kept), P(a further one is kept | those before it were))."""
-        first, next_ = PRIOR[self.method]
-        c = self.counts
-        return ((c[0] + first * PRIOR_WEIGHT) / (c[0] + c[1] + PRIOR_WEIGHT),
-                (c[2] + next_ * PRIOR_WEIGHT) / (c[2] + c[3] + PRIOR_WEIGHT))
+        return rates(self.counts, prior or PRIOR[self.method])
 
     def record(self, proposed: int, kept: int) -> None:
-        c = self.counts
-        for i in range(4):
-            c[i] *= DECAY
-        c[0 if kept else 1] += 1
-        if kept:
-            c[2] += kept - 1
-            c[3] += kept < proposed
+        tally(self.counts, proposed, kept, DECAY)
+
+
+def rates(counts: list[float], prior: tuple[float, float]) -> tuple[float, float]:
+    c = counts
+    return ((c[0] + prior[0] * PRIOR_WEIGHT) / (c[0] + c[1] + PRIOR_WEIGHT),
+            (c[2] + prior[1] * PRIOR_WEIGHT) / (c[2] + c[3] + PRIOR_WEIGHT))
+
+
+def tally(counts: list[float], proposed: int, kept: int, decay: float) -> None:
+    """Add a verification of `proposed` tokens of which the first `kept` were kept to decayed counts."""
+    for i in range(4):
+        counts[i] *= decay
+    counts[0 if kept else 1] += 1
+    if kept:
+        counts[2] += kept - 1
+        counts[3] += kept < proposed
 
 
 @dataclass
@@ -363,6 +374,8 @@ class Speculator:
         self.options = (options or Options()).validate()
         self.costs: dict[str, StepCost] = {}  # per pinned bucket of the batch (`dispatch.pinned`)
         self.totals = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.seen = {method: [0.0] * 4 for method in METHODS}  # every sequence's verifications, per method
+        self.warned = False  # that a draft failed (said once)
 
     @property
     def draft(self) -> Draft | None:
@@ -419,10 +432,13 @@ class Speculator:
             room = min(self.options.tokens, r.params.max_new_tokens - len(r.tokens) - 1,
                        context - 2 - r.length, row_slots - 1 - r.length)
             found: list[int] = []
-            if s is not None and room > 0 and s.method == "ngram":
+            if s is not None and s.failed:
+                room = 0
+            if s is not None and s.method == "ngram":
                 assert s.index is not None
                 s.index.extend(r.tokens[len(s.index.tokens) - len(r.prompt):])
-                found = s.index.propose(room)
+                self.score_shadow(r, s)
+                found = s.index.propose(room) if room > 0 else []
             elif s is not None and room > 0:
                 found = [0] * room  # a draft can propose up to `room`
             lookups.append(found)
@@ -437,15 +453,26 @@ class Speculator:
             for offer in offers:
                 ks.append(min(offer, MAX_ROWS - rows))
                 rows += ks[-1]
-        for i, (s, k) in enumerate(zip(states, ks, strict=True)):
-            if s is not None and offers[i] and not k:  # offered but not worth it now: forget slowly
+        for i, (r, s, k) in enumerate(zip(batch, states, ks, strict=True)):
+            if s is None or not offers[i] or k:
+                continue
+            if s.method == "ngram":  # not worth it now: whether it would have been kept is known for free later
+                s.shadow = s.shadow or (len(r.tokens), lookups[i])
+            else:  # a draft's would cost its run: its sequence's own record fades towards the engine's
                 s.counts = [c * 0.95 for c in s.counts]
         drafted = [(r, k) for r, s, k in zip(batch, states, ks, strict=True) if k and s is not None
                    and s.method == "draft"]
-        drafts = self.run_draft(drafted) if drafted else {}
-        for i, (r, k) in enumerate(zip(batch, ks, strict=True)):
+        drafts: dict[int, Proposal] = {}
+        if drafted:
+            try:
+                drafts = self.run_draft(drafted)
+            except Exception as err:  # the draft's failure costs these requests their proposals, nothing more
+                self.draft_failed([r for r, _ in drafted], err)
+                ks = [0 if s is not None and s.method == "draft" else k for s, k in zip(states, ks, strict=True)]
+        for i, (r, s, k) in enumerate(zip(batch, states, ks, strict=True)):
             if k:
                 proposals[i] = drafts[r.id] if r.id in drafts else Proposal(lookups[i][:k])
+                s.shadow = None  # type: ignore[union-attr]  # its verification speaks for the same tokens
         return proposals
 
     def choose(self, batch: list[Request], states: list[State | None], offers: list[int]) -> list[int]:
@@ -454,8 +481,8 @@ class Speculator:
         draft's steps) cost what `StepCost` says."""
         cost = self.cost(len(batch))
         b = len(batch)
-        rates = [s.rates if s is not None else (0.0, 0.0) for s in states]
-        gains = sorted(((rates[i][0] * rates[i][1] ** (j - 1), -j, i) for i in range(b)
+        kept = [s.rates(self.prior(s.method)) if s is not None else (0.0, 0.0) for s in states]
+        gains = sorted(((kept[i][0] * kept[i][1] ** (j - 1), -j, i) for i in range(b)
                         for j in range(1, offers[i] + 1)), reverse=True)
         ks = [0] * b
         expected, rows, context = float(b), b, sum(r.length for r in batch)
@@ -568,6 +595,7 @@ class Speculator:
         if s is None or not k:
             return
         s.record(k, accepted)
+        tally(self.seen[s.method], k, accepted, ENGINE_DECAY)
         s.proposed += k
         s.accepted += accepted
         s.steps += 1
@@ -577,19 +605,51 @@ class Speculator:
         if s.method == "draft":  # the draft's cache holds the sequence up to the last proposal it ran on
             s.draft_len = min(s.draft_len, len(request.prompt) + len(request.tokens) - 1)
 
+    def prior(self, method: str) -> tuple[float, float]:
+        """What a sequence of this method is assumed to keep before its own verifications say: the engine's."""
+        return rates(self.seen[method], PRIOR[method])
+
+    def score_shadow(self, request: Request, s: State) -> None:
+        """A lookup left unverified counts, once the tokens it guessed have come, as a verification would have."""
+        if s.shadow is None:
+            return
+        at, guess = s.shadow
+        made = request.tokens[at:]
+        n = 0
+        while n < min(len(guess), len(made)) and guess[n] == made[n]:
+            n += 1
+        if n < len(made) or n == len(guess):  # a token it guessed wrong has come, or all it guessed
+            s.record(len(guess), n)
+            tally(self.seen[s.method], len(guess), n, ENGINE_DECAY)
+            s.shadow = None
+
     def prefilled(self, request: Request, end: int) -> None:
         """The engine prefilled the request's prompt up to `end`: a drafting request's draft does the same, so that
         its first proposals need no long catch-up."""
         s = self.state(request)
-        if s is None or s.method != "draft" or self.draft is None or self.draft.cache is None:
+        if s is None or s.method != "draft" or s.failed or self.draft is None or self.draft.cache is None:
             return
         device = self.draft.model.tok_embeddings.weight.device
-        with torch.inference_mode():
-            while s.draft_len < end:
-                stop = min(end, s.draft_len + 128)
-                self.draft.model.prefill(torch.tensor([request.prompt[s.draft_len:stop]], device=device),
-                                         self.draft.cache, request.row, s.draft_len)
-                s.draft_len = stop
+        try:
+            with torch.inference_mode():
+                while s.draft_len < end:
+                    stop = min(end, s.draft_len + 128)
+                    self.draft.model.prefill(torch.tensor([request.prompt[s.draft_len:stop]], device=device),
+                                             self.draft.cache, request.row, s.draft_len)
+                    s.draft_len = stop
+        except Exception as err:
+            self.draft_failed([request], err)
+
+    def draft_failed(self, requests: list[Request], err: Exception) -> None:
+        """The draft raised: its requests decode on without proposals (the same tokens, only slower), and stderr
+        says why once."""
+        for request in requests:
+            request.spec.failed = True
+        if not self.warned:
+            self.warned = True
+            text = str(err).strip().splitlines()
+            print(f"kataru: the draft model failed ({type(err).__name__}: {text[0][:160] if text else ''}); "
+                  "decoding on without its proposals", file=sys.stderr)
 
     def observe(self, batch: int, rows: int, context: int, seconds: float) -> None:
         """A decode call of `rows` rows for `batch` sequences took `seconds`."""
