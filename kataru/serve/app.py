@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from kataru.engine import Request as EngineRequest
 from kataru.errors import KataruError
@@ -39,9 +40,10 @@ from kataru.serve.protocol import (
     parse,
     usage,
 )
+from kataru.serve.schema import openapi
 
 log = logging.getLogger("kataru.serve")
-PUBLIC = {"/health", "/", "/page/markdown-it.min.js"}  # the page holds no secrets; it asks for the key itself
+PUBLIC = {"/health", "/", "/page/markdown-it.min.js", "/openapi.json"}  # the page and the schema hold no secrets
 PAGE = Path(__file__).with_name("page")
 
 
@@ -105,10 +107,20 @@ def create_app(load: Callable[[], LLM], settings: Settings) -> FastAPI:
     app = FastAPI(title="kataru", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, settings=settings)
+    app.openapi = lambda: openapi(app, settings.served_model_name)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        """Starlette's own answers (no such route, a method the route does not take) in OpenAI's shape too."""
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "invalid_request_error")
+        message = {404: f"no route {request.url.path}; see /docs for the API",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
+        return JSONResponse(APIError(err.status_code, message, type=kind).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
