@@ -117,14 +117,23 @@ def atomic_output(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 def replace_dir_atomic(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary folder beside `final`, then put it in final's place (an old `final` is removed)."""
-    tmp = final.with_name(f".tmp-{final.name}")
+    """Fill a temporary folder beside `final`, flush it to disk, then rename it into final's place: a folder
+    under `final`'s name is always whole (an old `final` is renamed aside first and removed after; killed in
+    between, it is still there as `.old-NAME`). A failed or killed fill leaves no `final` and no half of one."""
+    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -52,10 +52,12 @@ class LLM:
                  progress: bool | None = None, quantize: str | None = None, compile: bool = False,
                  max_batch: int = 8, max_cache_tokens: int | None = None,
                  idle_cache_tokens: int | None = None, batch_invariant: bool = False, speculate: str | None = None,
-                 speculate_tokens: int = DEFAULT_TOKENS, speculate_ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
+                 speculate_tokens: int = DEFAULT_TOKENS, speculate_ngram: tuple[int, int] = DEFAULT_NGRAM,
+                 idle_after: float | None = None) -> None:
         """max_batch: requests decoded together; max_cache_tokens: the KV cache's budget in tokens (default
         max_batch x the context); idle_cache_tokens: what the cache keeps when no call runs (default one
-        context's worth, the conversation of a chat); batch_invariant: one matmul path for every decode batch
+        context's worth, the conversation of a chat) once no call has run for idle_after seconds (None: at once);
+        batch_invariant: one matmul path for every decode batch
         size, so that a request decodes to the same bits alone or batched (`kataru.dispatch`); speculate:
         "ngram" or "draft:FOLDER", speculative decoding for every call that does not say otherwise (greedy:
         the same tokens; sampling: the same distribution), with at most `speculate_tokens` proposals per step
@@ -89,7 +91,7 @@ class LLM:
                              max_cache_tokens=max_cache_tokens, compile=compile, tokenizer=self.tokenizer,
                              postprocess=self.prompt_style.postprocess, grow=True, batch_invariant=batch_invariant,
                              idle_cache_tokens=self.config.max_seq_len if idle_cache_tokens is None
-                             else idle_cache_tokens, speculation=options.validate())
+                             else idle_cache_tokens, speculation=options.validate(), idle_after=idle_after)
         if options.method is not None:
             self.engine.speculator.prepare()  # the step costs measured now, not at the first request
 
@@ -311,7 +313,7 @@ def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "c
          progress: bool | None = None, quantize: str | None = None, compile: bool = False,
          max_batch: int = 8, max_cache_tokens: int | None = None, idle_cache_tokens: int | None = None,
          batch_invariant: bool = False, speculate: str | None = None, speculate_tokens: int = DEFAULT_TOKENS,
-         speculate_ngram: tuple[int, int] = DEFAULT_NGRAM) -> LLM:
+         speculate_ngram: tuple[int, int] = DEFAULT_NGRAM, idle_after: float | None = None) -> LLM:
     """Load a local Hugging Face checkpoint folder (nothing is downloaded); quantize: int8 or int4.
 
     compile: run the one-token decode step through torch.compile (eager fallback when unavailable).
@@ -324,4 +326,5 @@ def load(folder: str | Path | None = None, dtype: str = "auto", device: str = "c
     return LLM(DEFAULT_MODEL if folder is None else folder, dtype=dtype, device=device, prompt_style=prompt_style,
                progress=progress, quantize=quantize, compile=compile, max_batch=max_batch,
                max_cache_tokens=max_cache_tokens, idle_cache_tokens=idle_cache_tokens, batch_invariant=batch_invariant,
-               speculate=speculate, speculate_tokens=speculate_tokens, speculate_ngram=speculate_ngram)
+               speculate=speculate, speculate_tokens=speculate_tokens, speculate_ngram=speculate_ngram,
+               idle_after=idle_after)

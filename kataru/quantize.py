@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from kataru import dispatch, kernels
 from kataru.config import ModelConfig
 from kataru.errors import KataruError
-from kataru.files import atomic_output, read_json, write_json
+from kataru.files import read_json, replace_dir_atomic, write_json
 from kataru.model import Linear, Transformer
 from kataru.runtime import DTYPES, resolve_dtype
 
@@ -322,23 +322,31 @@ def read_quantization(folder: Path) -> dict | None:
 
 
 def save_quantized(model: nn.Module, source: Path, out: Path) -> Path:
-    """model.safetensors in kataru's own layout, the source's config and tokenizer files, and a marker."""
+    """model.safetensors in kataru's own layout, the source's config and tokenizer files, and a marker, written
+    as one folder renamed into place: killed at any moment, `out` is either absent (or what it was) or whole."""
     from safetensors.torch import save
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-    for model_file in source.glob("*.model"):
-        shutil.copy(model_file, out / model_file.name)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(out / "model.safetensors", "wb") as f:  # never a half-written weight file
-        f.write(save(state, metadata={"format": "kataru"}))
     group = max((m.group_size for m in model.modules() if isinstance(m, Int4Linear)), default=None)
     info = {"method": model.quantization, "format": FORMAT, "group_size": group,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
-    write_json(out / QUANT_FILE, info)
-    return out
+
+    def fill(tmp: Path) -> None:
+        for name in COPIED:
+            if (source / name).is_file():
+                shutil.copy(source / name, tmp / name)
+        for model_file in source.glob("*.model"):
+            shutil.copy(model_file, tmp / model_file.name)
+        (tmp / "model.safetensors").write_bytes(save(state, metadata={"format": "kataru"}))
+        write_json(tmp / QUANT_FILE, info)
+
+    if out.resolve() == source.resolve():
+        raise KataruError(f"{out} is the checkpoint being quantized; write the quantized copy to another folder")
+    try:
+        return replace_dir_atomic(out, fill)
+    except OSError as err:
+        raise KataruError(f"writing {out} failed ({err.strerror or err}); nothing was left there: free space or "
+                          "choose another folder") from None
 
 
 def load_quantized(folder: Path, config: ModelConfig, info: dict, device: str = "cpu", dtype: str = "auto",

@@ -58,12 +58,18 @@ def wait_listening(port: int, process: subprocess.Popen | None = None, timeout: 
 class Process:
     """`python -m kataru serve ARGS` on a free loopback port, healthy when returned."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, log: Path | None = None) -> None:
+        """log: a file for the server's output (a long run's access log would fill a pipe nobody reads, and the
+        server would block writing to it)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        out = open(log, "w") if log is not None else subprocess.PIPE
         self.process = subprocess.Popen([sys.executable, "-m", "kataru", "serve", *args, "--port", str(self.port)],
-                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        cwd=ROOT, stdout=out, stderr=out, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if log is not None:
+            out.close()
         try:
             wait_healthy(self.base, process=self.process)
         except BaseException:

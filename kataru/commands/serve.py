@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond, 429")
     p.add_argument("--kv-budget", type=int, help="KV-cache tokens reserved at most (default: max-num-seqs x the "
                                                   "context)")
+    p.add_argument("--kv-idle-tokens", type=int, help="KV-cache tokens kept once the server is idle (default: one "
+                                                      "context's worth)")
+    p.add_argument("--kv-idle-seconds", type=float, default=30.0,
+                   help="seconds without requests before the KV cache shrinks to --kv-idle-tokens")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-prompts", action="store_true", help="write prompts into the access log")
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
         raise KataruError(f"model folder {folder} does not exist; give the path of a local checkpoint folder")
     if args.max_num_seqs < 1 or args.max_queue < 0:
         raise KataruError("--max-num-seqs must be at least 1 and --max-queue at least 0")
+    if args.kv_idle_seconds < 0 or (args.kv_idle_tokens is not None and args.kv_idle_tokens < 0):
+        raise KataruError("--kv-idle-seconds and --kv-idle-tokens must be 0 or more")
     keys = [*args.api_key, *([os.environ["KATARU_API_KEY"]] if os.environ.get("KATARU_API_KEY") else [])]
     settings = Settings(served_model_name=args.served_model_name or folder.resolve().name, api_keys=keys,
                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
@@ -99,7 +105,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """`kataru.load`'s arguments from the flags: one engine's, whether one process or each replica loads it."""
     return {"dtype": args.dtype, "device": args.device, "quantize": args.quantize, "compile": args.compile,
             "max_batch": args.max_num_seqs, "max_cache_tokens": args.kv_budget,
-            "idle_cache_tokens": args.kv_budget or 1 << 40, "batch_invariant": args.batch_invariant,
+            "idle_cache_tokens": args.kv_idle_tokens, "idle_after": args.kv_idle_seconds,
+            "batch_invariant": args.batch_invariant,
             **speculation(args)}
 
 

@@ -83,7 +83,7 @@ class Engine:
                  prefix_reuse: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  tokenizer: Tokenizer | None = None, postprocess: Callable[[str], str] = str,
                  grow: bool = False, idle_cache_tokens: int | None = None, batch_invariant: bool = False,
-                 fuse: bool = True, speculation: Options | None = None) -> None:
+                 fuse: bool = True, speculation: Options | None = None, idle_after: float | None = None) -> None:
         """max_batch rows of row_len slots (default: the model's context); a request must fit in one row.
 
         max_cache_tokens: the budget of reserved tokens (default max_batch * row_len).
@@ -91,7 +91,9 @@ class Engine:
         tokenizer: keep each request's text as it streams and honour stop strings (postprocess: the prompt
             style's mapping of generated text, rinna's `<NL>`).
         grow: start with an empty cache and grow it as requests need (else allocate it all now);
-            idle_cache_tokens: with grow, shrink to at most this many cache tokens when nothing runs.
+            idle_cache_tokens: with grow, shrink to at most this many cache tokens when nothing runs: at once, or
+            (idle_after, seconds) once nothing has run that long (a timer calls `release_idle`): a server's burst
+            of requests then keeps its rows and prefixes, and a quiet server gives the memory back.
         batch_invariant: one matmul path for every decode batch size from now on in this process, so that a
             request decodes to the same bits alone or batched whatever the dispatch plan prefers.
         fuse: a step's last prompt chunk and its decode batch in one pass (the weights read once) where that
@@ -112,6 +114,8 @@ class Engine:
         self.runner = Runner(model, compile, fuse)
         self.speculator = Speculator(model, speculation)
         self.fused_steps = 0  # steps whose last chunk went through with the decode batch
+        self.idle_after = idle_after
+        self._idle_since: float | None = None  # when the engine last ran out of work
         if not grow:
             self._resize(Resize(self.scheduler.rows, self.scheduler.slots, {}))
         self.tokenizer, self.postprocess = tokenizer, postprocess
@@ -189,6 +193,17 @@ class Engine:
         with self._lock:
             return self._step()
 
+    def release_idle(self) -> bool:
+        """Shrink the cache to its idle size if nothing has run for `idle_after` seconds; True if it shrank."""
+        with self._lock:
+            if (self.idle_after is None or self._idle_since is None or self.has_work()
+                    or time.monotonic() - self._idle_since < self.idle_after):
+                return False
+            resize = self.scheduler.idle_resize()
+            if resize is not None:
+                self._resize(resize)
+            return resize is not None
+
     def run(self) -> None:
         """Step until every submitted request is done."""
         while self.has_work():
@@ -200,10 +215,17 @@ class Engine:
             self._apply_cancels()
             events = self._run(self.scheduler.schedule())
             self._apply_cancels()  # those asked for while the step ran
-            if not self.has_work():
+            if self.has_work():
+                self._idle_since = None
+            elif self.idle_after is None:
                 resize = self.scheduler.idle_resize()
                 if resize is not None:
                     self._resize(resize)
+            elif self._idle_since is None:  # idle from now: the cache shrinks if it stays so (on a timer thread)
+                self._idle_since = time.monotonic()
+                timer = threading.Timer(self.idle_after, self.release_idle)
+                timer.daemon = True
+                timer.start()
             return events
         except Exception as err:  # outside any one request (a failed resize): end them all, clearly
             for request in [*self._take_all()]:

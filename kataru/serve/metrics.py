@@ -33,6 +33,8 @@ class EngineGauges:
                                 value=stats.get("reserved_tokens", 0) / budget)
         yield GaugeMetricFamily("kataru:kv_cache_bytes", "Bytes the KV cache holds now.",
                                 value=stats.get("cache_bytes", 0))
+        yield GaugeMetricFamily("kataru:kv_cache_rows", "Rows (sequences) the KV cache holds now.",
+                                value=stats.get("cache_rows", 0))
         yield CounterMetricFamily("kataru:spec_decode_num_drafts", "Verifications of speculative proposals.",
                                   value=stats.get("spec_drafts", 0))
         yield CounterMetricFamily("kataru:spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.",

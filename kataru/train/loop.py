@@ -209,8 +209,12 @@ class Trainer:
         if not self.dist.main or last is None:
             return None
         ignore = shutil.ignore_patterns("optimizer.pt", "trainer_state.json")
-        return replace_dir_atomic(self.out / "final", lambda tmp: shutil.copytree(last, tmp, ignore=ignore,
-                                                                                   dirs_exist_ok=True))
+        try:
+            return replace_dir_atomic(self.out / "final", lambda tmp: shutil.copytree(last, tmp, ignore=ignore,
+                                                                                       dirs_exist_ok=True))
+        except Exception as err:
+            raise KataruError(f"writing {self.out / 'final'} failed ({write_error(err, self.out)}); checkpoint "
+                              f"{last.name} is complete: free space and run again with --resume") from None
 
     @property
     def checkpoints(self) -> Path:
@@ -251,13 +255,24 @@ class Trainer:
                 torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
                 write_atomic(tmp / "trainer_state.json", json.dumps(state, ensure_ascii=False) + "\n")
 
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            replace_dir_atomic(self.checkpoints / name, fill)
-            write_atomic(self.checkpoints / "latest", name + "\n")
+            try:
+                self.checkpoints.mkdir(parents=True, exist_ok=True)
+                replace_dir_atomic(self.checkpoints / name, fill)
+                write_atomic(self.checkpoints / "latest", name + "\n")
+            except Exception as err:  # a full disk, a folder gone read-only: no half checkpoint is left behind
+                latest = self.latest()
+                kept = f"the last complete checkpoint, {latest.name}, is intact" if latest else "no checkpoint was kept"
+                why = write_error(err, self.out)
+                raise KataruError(f"writing checkpoint {name} in {self.checkpoints} failed ({why}); {kept}: free "
+                                  "space and run again with --resume") from None
             kept = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
             for old in kept[:-self.cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-            self._write_log()
+            try:
+                self._write_log()
+            except Exception as err:
+                raise KataruError(f"writing {self.out / 'log.jsonl'} failed ({write_error(err, self.out)}); checkpoint "
+                                  f"{name} is complete: free space and run again with --resume") from None
         if self.dist.world > 1:
             dist.barrier()
         return self.checkpoints / f"step-{self.step:06d}"
@@ -408,6 +423,20 @@ class Trainer:
             folder = self.save()
             raise KataruError(f"interrupted at step {self.step}; saved {folder}, continue with --resume")
         return self.history
+
+
+def write_error(err: BaseException, folder: Path) -> str:
+    """Why a write failed, in a few words: the OS's reason, or (torch.save reports a full disk as a RuntimeError
+    about file positions) that the disk is full."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "No space left on device"
+    except OSError:
+        pass
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160] if text else ''}"
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
