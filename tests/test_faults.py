@@ -139,7 +139,8 @@ def test_a_60_second_soak_keeps_its_promises(tmp_path: Path) -> None:
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert report["targets"] == {"no_errors": True, "rss_within_5_percent": True, "kv_cache_back_to_idle": True,
-                                 "probes_identical": True}, report["error_reasons"]
+                                 "probes_identical": True}, {k: report[k] for k in (
+        "error_reasons", "rss_mb_after_warmup", "rss_mb_at_end", "kv_cache_bytes_idle", "kv_cache_bytes_at_end")}
     assert report["requests_done"] > 100 and report["bad_requests_rejected"] > 0 and report["cancelled_by_client"] > 0
     assert report["kv_cache_bytes_peak"] > report["kv_cache_bytes_idle"]
     assert "Traceback" not in log
@@ -162,7 +163,7 @@ def pretrain(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_a_full_disk_while_training_saves_keeps_the_last_checkpoint_and_the_run_resumes_when_space_returns(
         prepared: dict, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     reference = tmp_path / "reference"
     assert pretrain(prepared["tokens"], reference).returncode == 0
@@ -180,10 +181,12 @@ def test_a_full_disk_while_training_saves_keeps_the_last_checkpoint_and_the_run_
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space returns
         resumed = pretrain(prepared["tokens"], disk / "run", "--resume")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        ours, theirs = (load_file(str(run / "final" / "model.safetensors")) for run in (disk / "run", reference))
+        # read, not mapped: a mapped file would keep the tmpfs busy and unmountable
+        ours, theirs = (load((run / "final" / "model.safetensors").read_bytes()) for run in (disk / "run", reference))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
 
 
 def test_a_quantization_killed_while_it_writes_never_leaves_a_folder_that_loads_half(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ streams the client drops after a few chunks, requests with stop strings, and bad
 of the wrong type, an unknown model) that must get a 4xx. Every `interval` seconds it records requests done,
 errors, tokens/s, the server's resident memory (when it knows the process) and its KV cache (/metrics).
 
-Before the measured load a warm-up, then the server is left idle until its KV cache is back to its idle size;
+Before the measured load a warm-up that climbs through every level once (10% of the time, 10 s to 2
+minutes), then the server is left idle until its KV cache is back to its idle size;
 the memory then is the baseline, and a fixed set of greedy probes is answered. After the load, idle again,
 the same measures. The promises (`targets`): no error beyond the bad requests' 4xx, memory within 5% of the
 baseline, the KV cache back to its idle size, the probes answered identically.
@@ -179,11 +180,14 @@ class Soak:
             self.tally.error(f"bad request answered {r.status_code}: {r.text[:120]}")
 
     # --- the load ------------------------------------------------------------------------------------------
-    async def load(self, seconds: float) -> None:
-        """Clients up to the phase's level, each sending request after request, until `seconds` have passed."""
+    async def load(self, seconds: float, warm_up: bool = False) -> None:
+        """Clients up to the phase's level, each sending request after request, until `seconds` have passed.
+        A warm-up climbs through every level once, so that the memory measured after it has seen the highest."""
         deadline = time.monotonic() + seconds
-        levels = list(LEVELS)
-        self.rng.shuffle(levels)
+        levels = sorted(LEVELS) if warm_up else list(LEVELS)
+        if not warm_up:
+            self.rng.shuffle(levels)
+        phase = seconds / len(levels) if warm_up else self.phase_seconds
 
         async def client_loop(i: int) -> None:
             async with self.client() as client:
@@ -198,7 +202,7 @@ class Soak:
             while time.monotonic() < deadline:
                 self.target = levels[n % len(levels)]
                 n += 1
-                await asyncio.sleep(min(self.phase_seconds, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(phase, max(0.0, deadline - time.monotonic())))
 
         await asyncio.gather(phases(), *(client_loop(i) for i in range(max(LEVELS))))
 
@@ -248,7 +252,7 @@ class Soak:
         warm = min(120.0, max(10.0, seconds * 0.1))
         stop = asyncio.Event()
         sampler = asyncio.ensure_future(self.sampler(start, stop))
-        await self.load(warm)
+        await self.load(warm, warm_up=True)
         before = await self.idle(idle_seconds)
         baseline_rss, probes_before = rss_mb(self.pid), await self.probes()
         errors_before = self.tally.errors

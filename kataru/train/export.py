@@ -8,7 +8,6 @@ rows that came from it. Every family the loader reads can therefore be written b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,8 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[
 
 def save_hf(model: Transformer, hf_config: dict[str, Any], out: Path, tokenizer_folder: Path | None,
             generation: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a complete Hugging Face folder: config, safetensors weights, tokenizer, generation config."""
+    """Write a complete Hugging Face folder: safetensors weights, tokenizer, generation config, and config.json
+    last, each file atomically: a folder killed half-written has no config.json, so it never loads as a model."""
     from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
@@ -91,14 +91,14 @@ def save_hf(model: Transformer, hf_config: dict[str, Any], out: Path, tokenizer_
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     write_atomic(out / "model.safetensors", save(hf_state_dict(model, dtype), metadata={"format": "pt"}))
-    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
            "pad_token_id": config.get("pad_token_id"), **(generation or {})}
     write_atomic(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     if tokenizer_folder is not None and tokenizer_folder.resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             if (tokenizer_folder / name).is_file():
-                shutil.copyfile(tokenizer_folder / name, out / name)
+                write_atomic(out / name, (tokenizer_folder / name).read_bytes())
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
 
 

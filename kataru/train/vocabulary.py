@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kataru.data.corpus import read_documents
 from kataru.errors import KataruError
-from kataru.files import write_json
+from kataru.files import write_atomic, write_json
 from kataru.prompts import LLM_JP_TEMPLATE
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -73,7 +73,6 @@ def save_hf_tokenizer(processor, out: Path, chat_template: str | None) -> None: 
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, processor.bos_id())])
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **SPECIALS,
@@ -86,3 +85,4 @@ def save_hf_tokenizer(processor, out: Path, chat_template: str | None) -> None: 
         config["chat_template"] = chat_template
     write_json(out / "tokenizer_config.json", config)
     write_json(out / "special_tokens_map.json", SPECIALS)
+    write_atomic(out / "tokenizer.json", tokenizer.to_str(pretty=True))  # last: without it the folder is no tokenizer
