@@ -1,5 +1,5 @@
 """What the acceptance a trained model shows implies on the full llm-jp-3.1-1.8b shape, for kataru and for
-llama.cpp, from one `kataru bench --speculate ngram --cost-of llm-jp-3.1-1.8b --json` report and one
+llama.cpp, from one `kataru bench speculate --cost-of llm-jp-3.1-1.8b --json` report and one
 `llama-bench -p 1,2,...` run on the shape's GGUF (bench/speculate_llamacpp.sh makes both).
 
 Both replay the same greedy answers (llama.cpp's greedy tokens are kataru's: the same weights and token ids):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speculative decoding against llama.cpp's, in one sitting: kataru-tiny-ja (a trained model, so that proposals
-# are kept for real) on the grounded and open-ended workloads of `kataru bench --speculate ngram`, kataru and
+# are kept for real) on the grounded and open-ended workloads of `kataru bench speculate`, kataru and
 # llama-server on the same token ids, then what that acceptance implies on the full llm-jp-3.1-1.8b shape for
 # both (kataru's verification costs measured by kataru, llama.cpp's by llama-bench on the same weights).
 #
@@ -48,7 +48,7 @@ sys.argv = ["convert_hf_to_gguf.py", folder, "--outtype", "f32", "--outfile", f"
 runpy.run_path(f"{llama}/convert_hf_to_gguf.py", run_name="__main__")
 PY
 fi
-.venv/bin/kataru bench --speculate ngram --limit 8 --new-tokens 128 --cost-of llm-jp-3.1-1.8b \
+.venv/bin/kataru bench speculate --limit 8 --new-tokens 128 --cost-of llm-jp-3.1-1.8b \
   --llama-server "$llama/build/bin/llama-server" --gguf "$work/kataru-tiny-ja.gguf" --json > "$work/speculate.json"
 "$llama/build/bin/llama-bench" -m "$work/bf16.gguf" -t 2 -p 1,2,3,4,6,8,12,16 -n 32 -r 2 -o json \
   > "$work/llama-bench.json" 2>/dev/null

@@ -307,7 +307,7 @@ def run_bench(target: str, dtype: str = "bfloat16", layers: int | None = None, c
 def plan_report(target: str, dtype: str = "bfloat16", layers: int | None = None, quantize: list[str] | None = None,
                 threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """The dispatch plan for the model's layers (and its quantized copies): every candidate's time per bucket
-    and the path that runs (`kataru bench --plan`)."""
+    and the path that runs (`kataru bench plan`)."""
     if threads:
         torch.set_num_threads(threads)
     model = build(target, dtype, layers, False, "cpu", 16, 2, 16).model

@@ -1,4 +1,4 @@
-"""`kataru bench MODEL --speculate ngram`: what speculative decoding does for one conversation, grounded and
+"""`kataru bench speculate MODEL`: what speculative decoding does for one conversation, grounded and
 open-ended.
 
 Workloads from the data folder: grounded (answer from, or summarise, a given Japanese document: JSQuAD

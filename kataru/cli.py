@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from kataru.commands.options import Parser
 from kataru.errors import KataruError
 
 COMMANDS = {  # name: what it does (the module kataru/commands/<name>.py runs it)
@@ -23,8 +24,8 @@ COMMANDS = {  # name: what it does (the module kataru/commands/<name>.py runs it
     "tokenize": "token ids of a text, as the reference tokenizer gives them",
     "quantize": "write a weight-only quantized copy of a checkpoint",
     "serve": "an OpenAI-compatible HTTP server (chat, completions, tokenize, metrics) on one engine",
-    "bench": "prefill/decode speed vs the memory roofline (and transformers)",
-    "eval": "evaluate: jcommonsenseqa (log-likelihood over 5 choices), perplexity (held-out text)",
+    "bench": "measure: speed (vs the memory roofline and transformers), plan, speculate, serve",
+    "eval": "evaluate: jglue, jcommonsenseqa, perplexity, lm-eval (any harness task), mt-bench",
     "data": "prepare training data: clean, tokenize, derive SFT/DPO sets",
     "train-tokenizer": "train a Unigram byte-fallback tokenizer (tokenizer.json)",
     "pretrain": "causal-LM pretraining of a new LLaMA-config model (or --init)",
@@ -38,18 +39,21 @@ def command(name: str) -> ModuleType:
     return importlib.import_module(f"kataru.commands.{name.replace('-', '_')}")
 
 
-def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    """Every command listed; the arguments of the one named in argv (all of them for `--help` of none)."""
-    parser = argparse.ArgumentParser(prog="kataru", description="Run, evaluate and train Japanese instruction LLMs "
-                                                                "from local checkpoint folders.")
+def build_parser(argv: Sequence[str], every: bool = False) -> Parser:
+    """Every command listed; the arguments of the one named in argv (of all of them with `every`, which an
+    error about an option of another command needs, and `--help` of none does not)."""
+    parser = Parser(prog="kataru", description="Run, evaluate and train Japanese instruction LLMs from local "
+                                               "checkpoint folders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
-        module = command(name) if name == chosen else None
+        module = command(name) if every or name == chosen else None
         formatter = getattr(module, "FORMATTER", argparse.HelpFormatter)
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=formatter)
         if module is not None:
             module.add_arguments(p)
+    if not every:
+        parser.everything = lambda: build_parser(argv, every=True)
     return parser
 
 

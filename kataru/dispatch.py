@@ -494,7 +494,7 @@ def _activation_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def table(plans: dict[str, Plan]) -> list[dict[str, Any]]:
-    """One row per kind and bucket: every candidate's time and what the plan runs (for `kataru bench --plan`)."""
+    """One row per kind and bucket: every candidate's time and what the plan runs (for `kataru bench plan`)."""
     rows = []
     for kind, plan in plans.items():
         for b in BUCKETS:

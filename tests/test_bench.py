@@ -16,7 +16,7 @@ from kataru.shapes import SHAPES, build_shape
 
 def test_bench_float16_weights_measure_the_kernels_against_torch(capsys: pytest.CaptureFixture) -> None:
     """fp16 weights run on kataru's CPU kernel too, so the bench times the same engine on torch's matmul beside it."""
-    assert main(["bench", "tiny", "--dtype", "float16", "--prompt-tokens", "40", "--new-tokens", "3", "--json"]) == 0
+    assert main(["bench", "speed", "tiny", "--dtype", "float16", "--prompt-tokens", "40", "--new-tokens", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dtype"] == "float16" and report["half_kernel"] == kernels.available()
     torch_mm = ["kataru torch mm"] if kernels.available() else []
@@ -25,7 +25,7 @@ def test_bench_float16_weights_measure_the_kernels_against_torch(capsys: pytest.
 
 
 def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
+    assert main(["bench", "speed", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
                  "--new-tokens", "4", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and "peak_gpu_gb" not in report
@@ -42,7 +42,7 @@ def test_bench_tiny_with_transformers(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_rounds_take_turns_and_report_medians(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "tiny", "--rounds", "3", "--quantize", "int8", "--prompt-tokens", "32", "--new-tokens",
+    assert main(["bench", "speed", "tiny", "--rounds", "3", "--quantize", "int8", "--prompt-tokens", "32", "--new-tokens",
                  "3", "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -55,7 +55,7 @@ def test_rounds_take_turns_and_report_medians(capsys: pytest.CaptureFixture) -> 
     median = median_result(runs)
     assert (median.engine, median.prefill_tok_s, median.ttft_s, median.decode_b1_tok_s, median.decode_b8_tok_s) == \
         ("k", 20.0, 1 / 20, 2.0, 8.0)
-    assert main(["bench", "tiny", "--rounds", "0"]) == 2
+    assert main(["bench", "speed", "tiny", "--rounds", "0"]) == 2
     assert "rounds=0: measure each engine at least once" in capsys.readouterr().err
 
 
@@ -95,7 +95,7 @@ def test_eval_perplexity_reports_each_method(checkpoints: dict, tmp_path, capsys
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_tiny_on_cuda(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
+    assert main(["bench", "speed", "tiny", "--compare", "transformers", "--quantize", "int8,int4", "--prompt-tokens", "64",
                  "--new-tokens", "4", "--device", "cuda", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"].startswith("cuda") and report["gpu"] and report["peak_gpu_gb"] > 0

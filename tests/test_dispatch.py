@@ -312,7 +312,7 @@ def test_bench_runs_with_the_plan_and_prints_it(monkeypatch: pytest.MonkeyPatch,
     text = format_plan(plan)
     assert "bf16" in text and "int4-bf16" in text and "candidates" in text
     assert f"kernel builds here: {', '.join(kernels.isas()) or 'none'}" in text
-    assert main(["bench", "tiny", "--dtype", "bfloat16", "--plan", "--json"]) in (0, None)
+    assert main(["bench", "plan", "tiny", "--dtype", "bfloat16", "--json"]) in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["plan"] and printed["cpu"]["torch_capability"]
     assert printed["cpu"]["kernel_builds"] == kernels.isas()  # ["avx2"] here, ["avx2", "avx512"] on AVX-512

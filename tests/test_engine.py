@@ -476,9 +476,18 @@ def planned(llm: kataru.LLM, tmp_path, paths: dict[str, str]):  # type: ignore[n
     saved = os.environ.get("KATARU_DISPATCH")
     keys = {dispatch.plan_key(m) for m in llm.model.modules() if getattr(m, "plan_kind", None)}
     ms = {b: {paths[b]: 1.0, "torch": 2.0 if paths[b] != "torch" else 1.0} for b in dispatch.BUCKETS}
+    plans = {key: dispatch.Plan(key, ms) for key in keys}
+    c, dtype = llm.model.config, dispatch.SHORT.get(llm.model.tok_embeddings.weight.dtype)
+    for kind in dispatch.STEP_KINDS:  # a decode step's attention and norm too: none is left to a timing
+        key = f"{kind}-{dtype}:{c.dim}/{c.n_head}/{c.n_kv_head}"
+        plans[key] = dispatch.Plan(key, {b: {"kernel": 2.0, "torch": 1.0} if paths[b] == "torch" else
+                                         {"kernel": 1.0, "torch": 2.0} for b in dispatch.DECODE})
     try:
-        with mock.patch.object(dispatch, "plan_file", lambda: file):
-            dispatch.write_plans(file, {key: dispatch.Plan(key, ms) for key in keys})
+        untimed = AssertionError("a plan of this test was timed instead of read")
+        with mock.patch.object(dispatch, "plan_file", lambda: file), \
+                mock.patch.object(dispatch, "measure", side_effect=untimed), \
+                mock.patch.object(dispatch, "measure_step", side_effect=untimed):
+            dispatch.write_plans(file, plans)
             os.environ["KATARU_DISPATCH"] = "cached"
             dispatch.reset()
             dispatch.prepare(llm.model)

@@ -130,11 +130,11 @@ def test_generation_errors(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
 def test_unusable_devices(capsys: pytest.CaptureFixture, ckpt: Path) -> None:
     assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--device", "banana"), "unknown device 'banana'")
     assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--device", "mps"), "'mps' is not supported")
-    assert_one_line_error(*run_cli(capsys, "bench", "tiny", "--device", "banana"), "unknown device")
+    assert_one_line_error(*run_cli(capsys, "bench", "speed", "tiny", "--device", "banana"), "unknown device")
     if not torch.cuda.is_available():
         assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--device", "cuda"), "sees no CUDA GPU",
                               "use device cpu")
-        assert_one_line_error(*run_cli(capsys, "bench", "tiny", "--device", "cuda:0"), "sees no CUDA GPU")
+        assert_one_line_error(*run_cli(capsys, "bench", "speed", "tiny", "--device", "cuda:0"), "sees no CUDA GPU")
     else:
         count = torch.cuda.device_count()
         assert_one_line_error(*run_cli(capsys, "generate", ckpt, "x", "--device", f"cuda:{count}"),

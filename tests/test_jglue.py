@@ -134,7 +134,7 @@ def test_the_command_on_the_real_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert jnli["shots_from"].startswith("valid") and jnli["documents"] == 4 and len(jnli["items"]) == 4
     assert all(len(i["logprobs"]) == 3 and i["context"].count("関係:") == 4 for i in jnli["items"])
     # the embedded model speaks llm-jp's chat format, which no jp-stable version is: auto says so and uses it
-    assert main(["eval", "jglue", "--tasks-jglue", "jnli", "--limit", "2", "--json"]) in (0, None)
+    assert main(["eval", "jglue", "--tasks", "jnli", "--limit", "2", "--json"]) in (0, None)
     (chat,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert chat["prompt_version"] == "chat" and "not a jp-stable" in chat["prompt_note"]
     assert main(["eval", "jglue", "--prompt-version", "0.9"]) == 2

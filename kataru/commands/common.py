@@ -25,11 +25,13 @@ def add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="one matmul path for every batch size: a request decodes to the same bits alone or batched")
 
 
-def add_speculation(p: argparse.ArgumentParser) -> None:
+def add_speculation(p: argparse.ArgumentParser, default: str | None = None,
+                    title: str = "speculative decoding (greedy: the same tokens; sampling: the same distribution)"
+                    ) -> None:
     from kataru.engine.speculate import DEFAULT_NGRAM, DEFAULT_TOKENS
 
-    group = p.add_argument_group("speculative decoding (greedy: the same tokens; sampling: the same distribution)")
-    group.add_argument("--speculate", metavar="ngram|draft:FOLDER",
+    group = p.add_argument_group(title)
+    group.add_argument("--speculate", metavar="ngram|draft:FOLDER", default=default,
                        help="propose tokens by prompt lookup (ngram) or by a smaller checkpoint with the same "
                             "tokenizer (draft:FOLDER), verify them in one pass, keep what the model agrees with")
     group.add_argument("--speculate-tokens", type=int, default=DEFAULT_TOKENS, metavar="K",
@@ -119,6 +121,7 @@ def add_lora(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (scale = alpha / r)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     p.add_argument("--lora-targets", default="wqkv,wo,w1,w2", help="projections to adapt, comma-separated")
+    p.only_with("--lora", "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets")
 
 
 def train(args: argparse.Namespace, model: Any, task: Any, meta: dict[str, Any]) -> None:

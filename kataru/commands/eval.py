@@ -6,86 +6,121 @@ import argparse
 from typing import Any
 
 from kataru.commands.common import DTYPE_HELP
+from kataru.commands.options import add_mode, add_modes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["jglue", "jcommonsenseqa", "perplexity", "mt-bench", "lm-eval"])
-    p.add_argument("model", nargs="?", help="model folder (default: the embedded kataru-tiny-ja)")
-    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--data", help="jcommonsenseqa: valid-v1.3.json (default: jglue/ in the data folder, "
-                                  "$KATARU_DATA); perplexity: a UTF-8 text file (default: held-out Aozora works)")
-    p.add_argument("--limit", type=int, help="jcommonsenseqa: only the first N questions")
-    p.add_argument("--quantize", default="int8,int4", help="perplexity: also these quantizations, comma-separated")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    jglue = p.add_argument_group("jglue (the jp-stable harness's JGLUE tasks)")
-    jglue.add_argument("--tasks-jglue", dest="jglue_tasks", default="jcommonsenseqa,jnli,jsquad",
-                       help="jcommonsenseqa, jnli (1.3), jnli-1.1 (the published tables'), jsquad (comma-separated)")
+    modes = add_modes(p, "evaluation", "EVALUATION")
+    jglue = add_mode(modes, "jglue", "JCommonsenseQA, JNLI and JSQuAD as the jp-stable harness runs them "
+                                     "(its prompts, shots and metrics)", run_jglue)
+    common(jglue)
+    jglue.add_argument("--tasks", default="jcommonsenseqa,jnli,jsquad",
+                       help="comma-separated: jcommonsenseqa, jnli (1.3), jnli-1.1 (the published tables'), jsquad")
     jglue.add_argument("--prompt-version", default="auto",
                        help="auto (the card's format: rinna 0.4, JSLM instruct 0.3, base 0.2) or a version")
     jglue.add_argument("--fewshot", help="shots per task, comma-separated (default: the ja8 suite's: 3, 3, 2)")
-    harness = p.add_argument_group("lm-eval (any lm-evaluation-harness task on kataru: pip install lm-eval)")
-    harness.add_argument("--tasks", help="harness task names, comma-separated")
+    jglue.add_argument("--limit", type=int, help="only the first N documents of each task")
+    jglue.add_argument("--data", help="the JGLUE datasets folder (default: jglue/ in the data folder, $KATARU_DATA)")
+    jglue.add_argument("--output", help="write the results, with every item's context, scores and prediction, "
+                                        "to this JSON file")
+    jglue.add_argument("--plot", help="the scores as bars (PNG)")
+
+    jcqa = add_mode(modes, "jcommonsenseqa", "JCommonsenseQA by log-likelihood: the highest of five answers after "
+                                             "the question wins (acc, and acc_norm per character)", run_jcommonsenseqa)
+    common(jcqa)
+    jcqa.add_argument("--data", help="valid-v1.3.json (default: jglue/ in the data folder, $KATARU_DATA)")
+    jcqa.add_argument("--limit", type=int, help="only the first N questions")
+
+    perplexity = add_mode(modes, "perplexity", "perplexity on held-out text, in the checkpoint's dtype and after "
+                                               "each quantization", run_perplexity)
+    common(perplexity)
+    perplexity.add_argument("--data", help="a UTF-8 text file (default: the held-out Aozora works)")
+    perplexity.add_argument("--quantize", default="int8,int4", help="also these quantizations, comma-separated "
+                                                                    "(empty: none)")
+
+    harness = add_mode(modes, "lm-eval", "any lm-evaluation-harness task on kataru (pip install lm-eval)", run_harness)
+    common(harness)
+    harness.add_argument("--tasks", required=True, help="harness task names, comma-separated")
     harness.add_argument("--include-path", help="a folder of task YAML files (local tasks, offline)")
     harness.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: the task's)")
     harness.add_argument("--batch-size", type=int, default=8, help="requests scored or generated together")
-    mt = p.add_argument_group("mt-bench (Japanese MT-Bench as llm-jp-judge runs it)")
-    mt.add_argument("--lang", choices=["ja", "en"], default="ja", help="the question set")
+    harness.add_argument("--limit", type=int, help="only the first N documents of each task")
+
+    mt = add_mode(modes, "mt-bench", "Japanese MT-Bench as llm-jp-judge runs it: both turns answered in the "
+                                     "checkpoint's prompt format, graded by an OpenAI-compatible judge", run_mt_bench)
+    common(mt)
     mt.add_argument("--judge-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a "
                                         "`kataru serve` at http://127.0.0.1:8000/v1")
     mt.add_argument("--judge-model", help="the judge's model name at that endpoint")
     mt.add_argument("--judge-key-env", help="the environment variable holding the judge's API key")
-    mt.add_argument("--output", help="jglue: the results JSON (with every item); mt-bench: folder for "
-                                     "answers.jsonl, judgments.jsonl, results.json and radar.png "
-                                     "(a run there resumes; default: mt-bench-<model folder name>)")
     mt.add_argument("--judge-max-tokens", type=int, default=2048, help="the judge's max_tokens (llm-jp-judge: 2048)")
+    mt.add_argument("--lang", choices=["ja", "en"], default="ja", help="the question set")
     mt.add_argument("--workers", type=int, default=8, help="questions answered (and judged) at a time")
     mt.add_argument("--rounds", type=int, default=1,
                     help="answer and judge this many times (seeds 0, 1, ...) and average (llm-jp's card: 3)")
+    mt.add_argument("--limit", type=int, help="only the first N questions")
+    mt.add_argument("--data", help="llm-jp-judge's folder of questions, references and judge prompts (default: "
+                                   "mt-bench-ja-llmjp/ in the data folder); with --replay: FastChat's question.jsonl")
+    mt.add_argument("--output", help="folder for answers.jsonl, judgments.jsonl and results.json (a run there "
+                                     "resumes; default: mt-bench-<model folder name>)")
     mt.add_argument("--replay", help="score judgments already made (FastChat's gpt-4_single.jsonl), no judge")
-    p.add_argument("--plot", help="jglue: the scores as bars; mt-bench: the categories as a radar chart (PNG)")
+    mt.add_argument("--plot", help="the categories as a radar chart (PNG)")
+    mt.never_with("--replay", "model", "--dtype", "--judge-url", "--judge-model", "--judge-key-env",
+                  "--judge-max-tokens", "--lang", "--workers", "--rounds", "--limit", "--output",
+                  why="a replay scores judgments already made")
+
+
+def common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model folder (default: the embedded kataru-tiny-ja)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> None:
+    args.handler(args)
+
+
+def folder_of(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from kataru.llm import DEFAULT_MODEL
+
+    return Path(args.model) if args.model else DEFAULT_MODEL
+
+
+def run_perplexity(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from kataru.files import data_folder
-    from kataru.llm import DEFAULT_MODEL
+    from kataru.eval.perplexity import evaluate as perplexity
 
-    folder = Path(args.model) if args.model else DEFAULT_MODEL
-    if args.task == "mt-bench":
-        mt_bench(args, folder)
+    methods = tuple(m for m in args.quantize.split(",") if m)
+    report = perplexity(folder_of(args), args.dtype, methods, Path(args.data) if args.data else None)
+    if args.json:
+        print(json.dumps(report))
         return
-    if args.task == "lm-eval":
-        harness(args, folder)
-        return
-    if args.task == "jglue":
-        jglue(args, folder)
-        return
-    if args.task == "perplexity":
-        from kataru.eval.perplexity import evaluate as perplexity
+    print(f"perplexity of {report['target']} on {report['tokens']} held-out tokens (windows of {report['window']})")
+    for row in report["rows"]:
+        print(f"{row['method']:<10}{row['perplexity']:>12.3f}{100 * row['increase']:>+9.2f}%")
 
-        methods = tuple(m for m in args.quantize.split(",") if m)
-        report = perplexity(folder, args.dtype, methods, Path(args.data) if args.data else None)
-        if args.json:
-            print(json.dumps(report))
-            return
-        print(f"perplexity of {report['target']} on {report['tokens']} held-out tokens (windows of {report['window']})")
-        for row in report["rows"]:
-            print(f"{row['method']:<10}{row['perplexity']:>12.3f}{100 * row['increase']:>+9.2f}%")
-        return
+
+def run_jcommonsenseqa(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
     from kataru.eval.jcommonsenseqa import evaluate
+    from kataru.files import data_folder
     from kataru.llm import load
 
     data = (Path(args.data) if args.data else
             data_folder("jglue") / "jglue" / "jcommonsenseqa-v1.3" / "valid-v1.3.json")
-    result = evaluate(load(folder, dtype=args.dtype), data, args.limit)
+    result = evaluate(load(folder_of(args), dtype=args.dtype), data, args.limit)
     print(json.dumps(result) if args.json else
           f"JCommonsenseQA: acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} "
           f"over {result['questions']} questions (random 0.200)")
 
 
-def mt_bench(args: argparse.Namespace, folder: Any) -> None:
+def run_mt_bench(args: argparse.Namespace) -> None:
     import json
     import os
     from pathlib import Path
@@ -112,6 +147,7 @@ def mt_bench(args: argparse.Namespace, folder: Any) -> None:
             raise KataruError(f"--judge-key-env {args.judge_key_env}: that environment variable is not set")
     from kataru.llm import load
 
+    folder = folder_of(args)
     data = Path(args.data) if args.data else data_folder("mt-bench-ja-llmjp") / "mt-bench-ja-llmjp"
     bench = mtbench.load_bench(data, args.lang, args.limit)
     out = Path(args.output or f"mt-bench-{folder.name}")
@@ -151,13 +187,11 @@ def mt_bench(args: argparse.Namespace, folder: Any) -> None:
     print(json.dumps(results, ensure_ascii=False) if args.json else mtbench.table(results))
 
 
-def harness(args: argparse.Namespace, folder: Any) -> None:
+def run_harness(args: argparse.Namespace) -> None:
     import json
 
     from kataru.errors import KataruError
 
-    if not args.tasks:
-        raise KataruError("lm-eval needs --tasks NAME[,NAME] (with --include-path DIR for local task YAML files)")
     try:
         import lm_eval
         from lm_eval.utils import make_table
@@ -167,7 +201,7 @@ def harness(args: argparse.Namespace, folder: Any) -> None:
 
     manager = lm_eval.tasks.TaskManager(include_path=args.include_path) if args.include_path else None
     results = lm_eval.simple_evaluate(
-        model=KataruLM(str(folder), dtype=args.dtype, batch_size=args.batch_size), tasks=args.tasks.split(","),
+        model=KataruLM(str(folder_of(args)), dtype=args.dtype, batch_size=args.batch_size), tasks=args.tasks.split(","),
         num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager)
     if args.json:
         print(json.dumps({"results": results["results"], "versions": results.get("versions"),
@@ -176,7 +210,7 @@ def harness(args: argparse.Namespace, folder: Any) -> None:
         print(make_table(results))
 
 
-def jglue(args: argparse.Namespace, folder: Any) -> None:
+def run_jglue(args: argparse.Namespace) -> None:
     import hashlib
     import json
     from pathlib import Path
@@ -187,13 +221,14 @@ def jglue(args: argparse.Namespace, folder: Any) -> None:
     from kataru.files import data_folder, write_atomic
     from kataru.llm import load
 
-    names = [t for t in args.jglue_tasks.split(",") if t]
+    names = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in names if t not in tasks.TASKS]
     if unknown:
         raise KataruError(f"unknown JGLUE task {unknown[0]!r}; use {', '.join(tasks.TASKS)}")
     shots = [int(n) for n in args.fewshot.split(",")] if args.fewshot else [tasks.TASKS[t][2] for t in names]
     if len(shots) != len(names):
         raise KataruError(f"--fewshot gives {len(shots)} counts for {len(names)} tasks")
+    folder = folder_of(args)
     data = Path(args.data) if args.data else data_folder("jglue") / "jglue"
     llm = load(folder, dtype=args.dtype)
     weights = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))

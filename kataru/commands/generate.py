@@ -13,6 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_sampling(p)
     p.add_argument("--inputs", help="the alpaca-ja 入力 field")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
+    p.never_with("--raw", "--inputs", "--system", why="they are parts of the template")
     p.add_argument("--json", action="store_true",
                    help='print {"text", "token_ids", "prompt_token_ids", "finish_reason", "speculation"}')
     common.add_speculation(p)

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     model.add_argument("--intermediate", type=int, default=704, help="SwiGLU width")
     model.add_argument("--context", type=int, default=1024, help="max_position_embeddings written to config.json")
+    p.never_with("--init", "--dim", "--layers", "--heads", "--kv-heads", "--intermediate", "--context",
+                 why="the model given with --init has its own shape")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows")
     common.add_train_config(p)

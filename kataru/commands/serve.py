@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (its torch "
                                                                       "threads)")
     scale.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica")
+    p.only_with(("--replicas", "--min-replicas", "--max-replicas"), "--ray-address", "--target-ongoing",
+                "--replica-cpus", "--replica-gpus", why="they configure replicas")
 
 
 def run(args: argparse.Namespace) -> None:

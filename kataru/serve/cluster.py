@@ -30,7 +30,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
-from kataru.serve.app import Settings, admit, create_app, too_large
+from kataru.serve.admission import admit, too_large
+from kataru.serve.app import Settings, create_app
 from kataru.serve.protocol import APIError
 
 log = logging.getLogger("kataru.serve")
