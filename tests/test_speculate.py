@@ -583,3 +583,29 @@ def test_lookups_not_worth_verifying_are_still_scored_and_new_sequences_start_fr
     spec.propose([request], 64, 64)
     assert request.spec.counts == [1.0, 0.0, 2.0, 1.0]  # first kept, two more kept, the fourth not
     assert spec.prior("ngram")[0] > PRIOR["ngram"][0]  # a sequence new to the engine expects more
+
+
+def test_kataru_bench_speculate_measures_both_workloads_with_the_same_tokens(capsys: pytest.CaptureFixture[str]
+                                                                             ) -> None:
+    """`kataru bench speculate` on the embedded model: grounded prompts (JSQuAD contexts, Aozora passages) and
+    open-ended ones (MT-Bench-ja writing) decoded without speculation, with the adaptive rule and with a fixed
+    k, the same tokens in every mode, and a replay of those answers on another shape's measured step costs."""
+    from helpers import SHARED
+
+    from kataru.cli import main
+
+    needed = [SHARED / "jglue" / "jsquad-v1.3" / "valid-v1.3.json", SHARED / "mt-bench-ja" / "question.jsonl"]
+    if not all(p.is_file() for p in needed) or not list((SHARED / "aozora").glob("*.jsonl.gz")):
+        pytest.skip(f"the workloads come from the data folder {SHARED} (JSQuAD, Aozora, MT-Bench-ja): absent here")
+    capsys.readouterr()
+    assert main(["bench", "speculate", "--limit", "2", "--new-tokens", "24", "--cost-of", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["speculate"] == "ngram" and set(report["kataru"]) == {"grounded", "open-ended"}
+    for name, result in report["kataru"].items():
+        assert result["prompts"] == 2 and result["identical"], name
+        modes = result["modes"]
+        assert set(modes) == {"off", "adaptive", "fixed"} and modes["off"]["draft_tokens"] == 0
+        assert modes["fixed"]["draft_tokens"] > 0 and 0 <= modes["fixed"]["accepted_tokens"] <= \
+            modes["fixed"]["draft_tokens"]
+        assert all(m["tokens"] == modes["off"]["tokens"] > 0 for m in modes.values())
+    assert set(report["replay"]["workloads"]) == {"grounded", "open-ended"}

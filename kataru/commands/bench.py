@@ -37,7 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     spec.add_argument("target", nargs="?", help="a trained model folder: random weights accept nothing (default: "
                                                 "the embedded kataru-tiny-ja)")
     spec.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    spec.add_argument("--threads", type=int, default=2, help="llama-server's threads")
     spec.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
     spec.add_argument("--new-tokens", type=int, default=128, help="new tokens per answer at most")
     spec.add_argument("--limit", type=int, default=8, help="prompts per workload")
@@ -59,7 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--output-tokens", type=int, default=128, help="new tokens per request")
     serve.add_argument("--vocab", type=int, help="token ids of the random prompts stay below this (default: the "
                                                 "server's /tokenizer_info)")
-    serve.add_argument("--threads", type=int, default=2, help="llama-server's threads")
     llama(serve, "the same load against it, with as many slots as streams")
     rounds(serve)
     started = serve.add_argument_group("the server --start starts")
@@ -88,7 +86,8 @@ def rounds(p: argparse.ArgumentParser) -> None:
 def llama(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--llama-server", help=f"llama.cpp's llama-server binary: {what}")
     p.add_argument("--gguf", help="the GGUF model llama-server runs (the same weights)")
-    p.only_with("--llama-server", "--gguf")
+    p.add_argument("--threads", type=int, default=2, help="llama-server's threads")
+    p.only_with("--llama-server", "--gguf", "--threads")
 
 
 def report(p: argparse.ArgumentParser, plot: bool = False) -> None:
